@@ -1,0 +1,26 @@
+//! One module per command: orchestration only; the numerics live in the
+//! library modules.
+
+pub mod generate;
+pub mod inspect;
+
+use crate::cli::{Cli, Command};
+
+/// How a command that ran to completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A quality gate failed: the job ran, but its result must not ship.
+    GateFailed,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    if let Some(threads) = cli.threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        tch::set_num_threads(threads);
+    }
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+    }
+}

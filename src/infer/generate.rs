@@ -1,0 +1,114 @@
+//! Autoregressive generation with a preallocated KV cache: one prefill pass
+//! over the prompt, then one decode pass per new token, stopping at any stop
+//! token, at `max_new_tokens`, or when the context is full.
+
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+use super::sampling::{Sampler, SamplingParams};
+use crate::model::{CausalLm, ModelError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model emitted this stop token (not included in the output).
+    StopToken(u32),
+    MaxTokens,
+    /// The sequence reached `max_position_embeddings`.
+    ContextFull,
+}
+
+impl StopReason {
+    pub fn describe(&self) -> String {
+        match self {
+            StopReason::StopToken(id) => format!("stop token {id}"),
+            StopReason::MaxTokens => "max_new_tokens".into(),
+            StopReason::ContextFull => "context full".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+    /// Prompt pass until the first new token is chosen (time to first token).
+    pub prefill: Duration,
+    /// All later passes.
+    pub decode: Duration,
+    /// Number of decode passes timed in `decode`.
+    pub decode_steps: usize,
+}
+
+/// Generates up to `max_new_tokens` after `prompt`. `on_token` sees each new
+/// token as it is chosen (for streaming).
+pub fn generate(
+    model: &CausalLm,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    sampling: SamplingParams,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Generated, ModelError> {
+    let max_pos = model.max_positions();
+    if prompt.is_empty() {
+        return Err(ModelError::TooLong { what: "the prompt (empty)", len: 0, max: max_pos });
+    }
+    if prompt.len() > max_pos {
+        return Err(ModelError::TooLong { what: "the prompt", len: prompt.len(), max: max_pos });
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ModelError::TokenOutOfRange { id: id as i64, vocab });
+    }
+    let capacity = (prompt.len() + max_new_tokens).min(max_pos);
+    let mut tokens = Vec::with_capacity(max_new_tokens);
+    if max_new_tokens == 0 {
+        return Ok(Generated {
+            tokens,
+            stop: StopReason::MaxTokens,
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            decode_steps: 0,
+        });
+    }
+    let mut cache = model.new_cache(1, capacity)?;
+    let mut sampler = Sampler::new(sampling);
+    let _guard = tch::no_grad_guard();
+    let step = |ids: &[i64], cache: &mut crate::model::KvCache| {
+        let input = Tensor::from_slice(ids).unsqueeze(0);
+        model.forward_last(&input, Some(cache))
+    };
+
+    let start = Instant::now();
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let logits = step(&ids, &mut cache)?;
+    let mut next = sampler.sample(&logits.get(0));
+    let prefill = start.elapsed();
+
+    let decode_start = Instant::now();
+    let mut decode_steps = 0;
+    let stop = loop {
+        if stop_ids.contains(&next) {
+            break StopReason::StopToken(next);
+        }
+        tokens.push(next);
+        on_token(next);
+        if tokens.len() >= max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.len() >= capacity {
+            break StopReason::ContextFull;
+        }
+        let logits = step(&[next as i64], &mut cache)?;
+        decode_steps += 1;
+        next = sampler.sample(&logits.get(0));
+    };
+    Ok(Generated {
+        tokens,
+        stop,
+        prefill,
+        decode: decode_start.elapsed(),
+        decode_steps,
+    })
+}

@@ -1,0 +1,11 @@
+//! qcoder: turn an open code LLM into a model tuned on a team's own code.
+//!
+//! Stages talk through files with documented formats; the library modules
+//! below do the work and `commands` only orchestrates them.
+
+pub mod cli;
+pub mod commands;
+pub mod device;
+pub mod infer;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,592 @@
+//! The decoder of every supported architecture, in one file: Qwen2 (q/k/v
+//! bias), Qwen3 (per-head RMSNorm on q and k) and Llama/Mistral differ only in
+//! switches read from the config. The struct tree mirrors the HF weight names
+//! (`model.layers.{i}.self_attn.q_proj.weight`), and the numerics follow
+//! transformers' `modeling_qwen2.py` / `modeling_qwen3.py` /
+//! `modeling_llama.py` operation for operation, so f32 logits agree to ~1e-6.
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::{Architecture, ModelConfig, Rope, RopeScaling};
+use super::linear::{DenseLinear, Linear};
+use super::weights::Checkpoint;
+use super::ModelError;
+
+/// Where and in which dtype the weights live.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// Builds weight paths the way the HF module tree names them.
+struct Loader<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    opts: LoadOptions,
+}
+
+impl<'a> Loader<'a> {
+    fn pp(&self, name: impl std::fmt::Display) -> Loader<'a> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Loader {
+            ckpt: self.ckpt,
+            prefix,
+            opts: self.opts,
+        }
+    }
+
+    fn name(&self, leaf: &str) -> String {
+        format!("{}.{leaf}", self.prefix)
+    }
+
+    fn get(&self, leaf: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
+        self.ckpt
+            .tensor(&self.name(leaf), shape, self.opts.kind, self.opts.device)
+    }
+
+    fn linear(&self, in_f: usize, out_f: usize, bias: bool) -> Result<Box<dyn Linear>, ModelError> {
+        let (in_f, out_f) = (in_f as i64, out_f as i64);
+        let weight = self.get("weight", &[out_f, in_f])?;
+        let bias = if bias {
+            Some(self.get("bias", &[out_f])?)
+        } else {
+            None
+        };
+        Ok(Box::new(DenseLinear::new(weight, bias)))
+    }
+
+    fn rms_norm(&self, size: usize, eps: f64) -> Result<RmsNorm, ModelError> {
+        Ok(RmsNorm {
+            weight: self.get("weight", &[size as i64])?,
+            eps,
+        })
+    }
+}
+
+/// `LlamaRMSNorm` / `Qwen2RMSNorm`: normalise in f32, scale in the input dtype.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let variance = h.square().mean_dim(-1, true, Kind::Float);
+        let h = h * (variance + self.eps).rsqrt();
+        &self.weight * h.to_kind(kind)
+    }
+}
+
+/// Rotary position embedding, with the frequency schedules of transformers'
+/// `modeling_rope_utils.py` (default, linear, llama3, yarn) computed in f32
+/// the same way.
+#[derive(Debug)]
+struct Rotary {
+    /// (dim / 2), f32
+    inv_freq: Tensor,
+    /// YaRN's cos/sin multiplier (1 otherwise).
+    attention_scaling: f64,
+    /// Rotated dimensions of each head.
+    dim: i64,
+}
+
+impl Rotary {
+    fn new(rope: &Rope, device: Device) -> Self {
+        let dim = rope.dim as i64;
+        let f32_cpu = (Kind::Float, Device::Cpu);
+        // base ** (arange(0, dim, 2) / dim), as transformers writes it.
+        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
+            / dim as f64;
+        let pos_freqs = Tensor::pow_scalar(rope.theta, &exponents);
+        let default = pos_freqs.reciprocal();
+        let (inv_freq, attention_scaling) = match &rope.scaling {
+            RopeScaling::Default => (default, 1.0),
+            RopeScaling::Linear { factor } => (default / *factor, 1.0),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_len,
+            } => {
+                let low_freq_wavelen = old_len / low_freq_factor;
+                let high_freq_wavelen = old_len / high_freq_factor;
+                let wavelen = default.reciprocal() * (2.0 * std::f64::consts::PI);
+                let scaled = default.where_self(&wavelen.le(low_freq_wavelen), &(&default / *factor));
+                let smooth = (wavelen.reciprocal() * *old_len - *low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                let smoothed: Tensor = (1.0 - &smooth) * &scaled / *factor + &smooth * &scaled;
+                let medium = wavelen
+                    .ge(high_freq_wavelen)
+                    .logical_and(&wavelen.le(low_freq_wavelen));
+                (smoothed.where_self(&medium, &scaled), 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            } => {
+                let base = rope.theta;
+                let d = dim as f64;
+                let correction_dim = |rotations: f64| {
+                    d * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let mut high = high.min(d - 1.0);
+                if low == high {
+                    high += 0.001;
+                }
+                let ramp = ((Tensor::arange(dim / 2, f32_cpu) - low) / (high - low)).clamp(0.0, 1.0);
+                let extrapolation_factor = 1.0 - ramp;
+                let extrapolation = pos_freqs.reciprocal();
+                let interpolation = (pos_freqs * *factor).reciprocal();
+                let inv_freq = interpolation * (1.0 - &extrapolation_factor)
+                    + extrapolation * &extrapolation_factor;
+                (inv_freq, *attention_factor)
+            }
+        };
+        Self {
+            inv_freq: inv_freq.to_device(device),
+            attention_scaling,
+            dim,
+        }
+    }
+
+    /// cos and sin for `positions` (batch, seq), shaped (batch, 1, seq, dim) to
+    /// broadcast over heads.
+    fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (mut cos, mut sin) = (emb.cos(), emb.sin());
+        if self.attention_scaling != 1.0 {
+            cos = cos * self.attention_scaling;
+            sin = sin * self.attention_scaling;
+        }
+        (
+            cos.to_kind(kind).unsqueeze(1),
+            sin.to_kind(kind).unsqueeze(1),
+        )
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on the first `dim` features of each head.
+    /// x: (batch, heads, seq, head_dim)
+    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let head_dim = x.size()[3];
+        let (rot, pass) = if self.dim == head_dim {
+            (x.shallow_clone(), None)
+        } else {
+            (x.narrow(3, 0, self.dim), Some(x.narrow(3, self.dim, head_dim - self.dim)))
+        };
+        let half = self.dim / 2;
+        let x1 = rot.narrow(3, 0, half);
+        let x2 = rot.narrow(3, half, half);
+        let rotated = Tensor::cat(&[&(-x2), &x1], -1);
+        let out = &rot * cos + rotated * sin;
+        match pass {
+            None => out,
+            Some(pass) => Tensor::cat(&[&out, &pass], -1),
+        }
+    }
+}
+
+/// Preallocated key/value cache: per layer (batch, n_kv_heads, capacity, head_dim).
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forgets the cached tokens, keeping the allocation.
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+    /// Drops cached tokens past `len` (e.g. to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes `k`, `v` (batch, n_kv, seq, head_dim) at the current end and
+    /// returns views of everything cached so far, including them.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let seq = k.size()[2];
+        let (k_cache, v_cache) = &mut self.layers[layer];
+        let start = self.len as i64;
+        k_cache.narrow(2, start, seq).copy_(k);
+        v_cache.narrow(2, start, seq).copy_(v);
+        (k_cache.narrow(2, 0, start + seq), v_cache.narrow(2, 0, start + seq))
+    }
+}
+
+/// How attention is masked for one forward call.
+enum Mask {
+    /// Every query sees every cached key (one new token, no window in reach).
+    None,
+    /// Plain causal prefill from position 0: SDPA's `is_causal`.
+    Causal,
+    /// Explicit boolean mask (1, 1, q_len, kv_len), true = attend.
+    Explicit(Tensor),
+}
+
+impl Mask {
+    fn build(q_len: i64, past: i64, window: Option<usize>, device: Device) -> Mask {
+        let kv_len = past + q_len;
+        let window_bites = window.is_some_and(|w| kv_len > w as i64);
+        if !window_bites && q_len == 1 {
+            return Mask::None;
+        }
+        if !window_bites && past == 0 {
+            return Mask::Causal;
+        }
+        let opts = (Kind::Int64, device);
+        let q_pos = Tensor::arange_start(past, kv_len, opts).unsqueeze(1);
+        let k_pos = Tensor::arange(kv_len, opts).unsqueeze(0);
+        let mut allowed = k_pos.le_tensor(&q_pos);
+        if let Some(w) = window {
+            // transformers' sliding window: key kept when q - k < window.
+            allowed = allowed.logical_and(&(&q_pos - &k_pos).lt(w as i64));
+        }
+        Mask::Explicit(allowed.view([1, 1, q_len, kv_len]))
+    }
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Box<dyn Linear>,
+    pub k_proj: Box<dyn Linear>,
+    pub v_proj: Box<dyn Linear>,
+    pub o_proj: Box<dyn Linear>,
+    /// Qwen3 only: RMSNorm over head_dim of each query / key head.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+    window: Option<usize>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cos_sin: &(Tensor, Tensor),
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
+        let (b, s, _) = x.size3().expect("decoder input is (batch, seq, hidden)");
+        let heads = |t: Tensor, n: i64, norm: &Option<RmsNorm>| {
+            let t = t.view([b, s, n, self.head_dim]);
+            let t = match norm {
+                Some(norm) => norm.forward(&t),
+                None => t,
+            };
+            t.transpose(1, 2) // (batch, heads, seq, head_dim)
+        };
+        let q = heads(self.q_proj.forward(x), self.n_heads, &self.q_norm);
+        let k = heads(self.k_proj.forward(x), self.n_kv_heads, &self.k_norm);
+        let v = heads(self.v_proj.forward(x), self.n_kv_heads, &None);
+        let (cos, sin) = cos_sin;
+        let q = rotary.apply(&q, cos, sin);
+        let k = rotary.apply(&k, cos, sin);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v),
+            None => (k, v),
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let out = if s == 1 && n_rep > 1 {
+            // One new token: fold the query heads of each KV group into the
+            // sequence axis, so all groups read the cache without copying it
+            // (transformers' `pack_gqa`). Any mask is (1, 1, 1, kv) and
+            // broadcasts over the folded axis.
+            let q = q.reshape([b, self.n_kv_heads, n_rep, self.head_dim]);
+            let out = sdpa(&q, &k, &v, mask, scale, false);
+            out.reshape([b, self.n_heads, 1, self.head_dim])
+        } else {
+            let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
+            sdpa(&q, &k, &v, mask, scale, true)
+        };
+        let out = out.transpose(1, 2).reshape([b, s, self.n_heads * self.head_dim]);
+        self.o_proj.forward(&out)
+    }
+}
+
+fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64, causal_ok: bool) -> Tensor {
+    match mask {
+        Mask::None => Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, scale, false),
+        Mask::Causal if causal_ok => {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, false)
+        }
+        Mask::Causal => unreachable!("a causal prefill has more than one query"),
+        Mask::Explicit(m) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, false),
+    }
+}
+
+/// (batch, n_kv, seq, d) -> (batch, n_kv * n_rep, seq, d), as transformers' `repeat_kv`.
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return x.shallow_clone();
+    }
+    let (b, n_kv, s, d) = x.size4().expect("kv is 4-d");
+    x.unsqueeze(2)
+        .expand([b, n_kv, n_rep, s, d], false)
+        .reshape([b, n_kv * n_rep, s, d])
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Box<dyn Linear>,
+    pub up_proj: Box<dyn Linear>,
+    pub down_proj: Box<dyn Linear>,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let gate = self.gate_proj.forward(x).silu();
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// A decoder-only causal LM (`*ForCausalLM`).
+pub struct CausalLm {
+    config: ModelConfig,
+    arch: Architecture,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Box<dyn Linear>,
+    rotary: Rotary,
+    opts: LoadOptions,
+}
+
+impl CausalLm {
+    /// Builds the model from a checkpoint, checking every tensor's shape
+    /// against the config.
+    pub fn load(config: &ModelConfig, ckpt: &Checkpoint, opts: LoadOptions) -> Result<Self, ModelError> {
+        let arch = config.architecture()?;
+        let bad_config = |msg: String| ModelError::Config {
+            path: ckpt.root().join("config.json"),
+            msg,
+        };
+        config.validate().map_err(bad_config)?;
+        let rope = config.rope().map_err(bad_config)?;
+        let windows = config.layer_windows().map_err(bad_config)?;
+        let hidden = config.hidden_size;
+        let head_dim = config.head_dim();
+        let (n_heads, n_kv) = (config.num_attention_heads, config.n_kv_heads());
+        let eps = config.rms_norm_eps;
+        let root = Loader {
+            ckpt,
+            prefix: String::new(),
+            opts,
+        };
+        let model = root.pp("model");
+        let embed_tokens = model
+            .pp("embed_tokens")
+            .get("weight", &[config.vocab_size as i64, hidden as i64])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for (i, window) in windows.into_iter().enumerate() {
+            let layer = model.pp("layers").pp(i);
+            let attn = layer.pp("self_attn");
+            let mlp = layer.pp("mlp");
+            let qk_norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
+                if config.has_qk_norm() {
+                    Ok(Some(attn.pp(name).rms_norm(head_dim, eps)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: layer.pp("input_layernorm").rms_norm(hidden, eps)?,
+                self_attn: Attention {
+                    q_proj: attn.pp("q_proj").linear(hidden, n_heads * head_dim, config.qkv_bias())?,
+                    k_proj: attn.pp("k_proj").linear(hidden, n_kv * head_dim, config.qkv_bias())?,
+                    v_proj: attn.pp("v_proj").linear(hidden, n_kv * head_dim, config.qkv_bias())?,
+                    o_proj: attn.pp("o_proj").linear(n_heads * head_dim, hidden, config.o_bias())?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
+                    n_heads: n_heads as i64,
+                    n_kv_heads: n_kv as i64,
+                    head_dim: head_dim as i64,
+                    window,
+                },
+                post_attention_layernorm: layer.pp("post_attention_layernorm").rms_norm(hidden, eps)?,
+                mlp: Mlp {
+                    gate_proj: mlp.pp("gate_proj").linear(hidden, config.intermediate_size, config.mlp_bias())?,
+                    up_proj: mlp.pp("up_proj").linear(hidden, config.intermediate_size, config.mlp_bias())?,
+                    down_proj: mlp.pp("down_proj").linear(config.intermediate_size, hidden, config.mlp_bias())?,
+                },
+            });
+        }
+        let norm = model.pp("norm").rms_norm(hidden, eps)?;
+        let lm_head: Box<dyn Linear> = if config.tie_word_embeddings() {
+            Box::new(DenseLinear::new(embed_tokens.shallow_clone(), None))
+        } else {
+            root.pp("lm_head").linear(hidden, config.vocab_size, false)?
+        };
+        Ok(Self {
+            config: config.clone(),
+            arch,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(&rope, opts.device),
+            opts,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn architecture(&self) -> Architecture {
+        self.arch
+    }
+    pub fn device(&self) -> Device {
+        self.opts.device
+    }
+    pub fn kind(&self) -> Kind {
+        self.opts.kind
+    }
+    pub fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// A cache for `batch` sequences of up to `capacity` tokens.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache, ModelError> {
+        let shape = [
+            batch as i64,
+            self.config.n_kv_heads() as i64,
+            capacity as i64,
+            self.config.head_dim() as i64,
+        ];
+        let alloc = || Tensor::f_zeros(shape, (self.opts.kind, self.opts.device));
+        let layers = (0..self.layers.len())
+            .map(|_| Ok((alloc()?, alloc()?)))
+            .collect::<Result<Vec<_>, tch::TchError>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Hidden states after the final norm, (batch, seq, hidden). With a cache,
+    /// `input_ids` continue the cached sequence and are appended to it.
+    pub fn forward_hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+        let (b, s) = input_ids.size2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len) as i64;
+        let end = (past + s) as usize;
+        if end > self.max_positions() {
+            return Err(ModelError::TooLong {
+                what: "the sequence",
+                len: end,
+                max: self.max_positions(),
+            });
+        }
+        if let Some(cache) = &cache {
+            if end > cache.capacity {
+                return Err(ModelError::TooLong {
+                    what: "the sequence",
+                    len: end,
+                    max: cache.capacity,
+                });
+            }
+        }
+        let ids = input_ids.to_device(self.opts.device);
+        let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+        let positions = Tensor::arange_start(past, past + s, (Kind::Int64, self.opts.device))
+            .unsqueeze(0)
+            .expand([b, s], false);
+        let cos_sin = self.rotary.cos_sin(&positions, self.opts.kind);
+        let device = self.opts.device;
+        let mut masks: Vec<(Option<usize>, Mask)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let window = layer.self_attn.window;
+            if !masks.iter().any(|(w, _)| *w == window) {
+                masks.push((window, Mask::build(s, past, window, device)));
+            }
+            let mask = &masks.iter().find(|(w, _)| *w == window).expect("mask built above").1;
+            let h = layer.input_layernorm.forward(&x);
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            let h = layer.self_attn.forward(&h, &self.rotary, &cos_sin, mask, layer_cache);
+            x = x + h;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+            x = x + h;
+        }
+        if let Some(cache) = cache {
+            cache.len = end;
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// Logits (batch, seq, vocab) in the model's dtype.
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        Ok(self.lm_head.forward(&hidden))
+    }
+
+    /// Logits of the last position only, (batch, vocab), in f32: what
+    /// generation needs, without the output projection of every prompt token.
+    pub fn forward_last(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        let s = hidden.size()[1];
+        let last = hidden.narrow(1, s - 1, 1).squeeze_dim(1);
+        Ok(self.lm_head.forward(&last).to_kind(Kind::Float))
+    }
+
+    /// Every linear layer with its HF module name (`model.layers.0.self_attn.q_proj`),
+    /// for adapters and quantizers to wrap or replace.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = &mut layer.self_attn;
+            let p = format!("model.layers.{i}.self_attn");
+            out.push((format!("{p}.q_proj"), &mut attn.q_proj));
+            out.push((format!("{p}.k_proj"), &mut attn.k_proj));
+            out.push((format!("{p}.v_proj"), &mut attn.v_proj));
+            out.push((format!("{p}.o_proj"), &mut attn.o_proj));
+            let mlp = &mut layer.mlp;
+            let p = format!("model.layers.{i}.mlp");
+            out.push((format!("{p}.gate_proj"), &mut mlp.gate_proj));
+            out.push((format!("{p}.up_proj"), &mut mlp.up_proj));
+            out.push((format!("{p}.down_proj"), &mut mlp.down_proj));
+        }
+        out
+    }
+}
