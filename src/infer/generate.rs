@@ -52,7 +52,7 @@ pub fn generate(
 ) -> Result<Generated, ModelError> {
     let max_pos = model.max_positions();
     if prompt.is_empty() {
-        return Err(ModelError::TooLong { what: "the prompt (empty)", len: 0, max: max_pos });
+        return Err(ModelError::EmptyPrompt);
     }
     if prompt.len() > max_pos {
         return Err(ModelError::TooLong { what: "the prompt", len: prompt.len(), max: max_pos });

@@ -17,7 +17,7 @@ pub use weights::Checkpoint;
 /// the file, tensor or field involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -29,7 +29,7 @@ pub enum ModelError {
         model_type: String,
         supported: String,
     },
-    #[error("{}: not a valid safetensors file ({source}); the file may be truncated or corrupt", path.display())]
+    #[error("{}: not a valid safetensors file (truncated or corrupt?)", path.display())]
     Safetensors {
         path: PathBuf,
         source: safetensors::SafeTensorError,
@@ -61,6 +61,8 @@ pub enum ModelError {
         len: usize,
         max: usize,
     },
+    #[error("the prompt is empty: give at least one token of context")]
+    EmptyPrompt,
     #[error("token id {id} is outside the model's vocabulary of {vocab} (the tokenizer does not match the model?)")]
     TokenOutOfRange { id: i64, vocab: usize },
     #[error("{0}")]
