@@ -7,7 +7,11 @@ pub enum DeviceError {
     #[error("--device {spec}: CUDA was requested, but libtorch sees no CUDA device (no GPU or no driver on this machine); use --device cpu")]
     NoCuda { spec: String },
     #[error("--device {spec}: there is no CUDA device {index} (libtorch sees {count})")]
-    NoSuchGpu { spec: String, index: usize, count: i64 },
+    NoSuchGpu {
+        spec: String,
+        index: usize,
+        count: i64,
+    },
     #[error("--device '{spec}' is not one of auto, cpu, cuda, cuda:N")]
     BadDevice { spec: String },
     #[error("--dtype '{spec}' is not one of f32, bf16, f16")]
@@ -16,9 +20,19 @@ pub enum DeviceError {
 
 /// `auto` (CUDA when libtorch sees a GPU, else CPU), `cpu`, `cuda`, `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
-    let cuda_count = || if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+    let cuda_count = || {
+        if tch::Cuda::is_available() {
+            tch::Cuda::device_count()
+        } else {
+            0
+        }
+    };
     match spec {
-        "auto" => Ok(if cuda_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => Ok(if cuda_count() > 0 {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
         "cpu" => Ok(Device::Cpu),
         _ => {
             let index = match spec.strip_prefix("cuda") {
@@ -34,7 +48,11 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
                 return Err(DeviceError::NoCuda { spec: spec.into() });
             }
             if index as i64 >= count {
-                return Err(DeviceError::NoSuchGpu { spec: spec.into(), index, count });
+                return Err(DeviceError::NoSuchGpu {
+                    spec: spec.into(),
+                    index,
+                    count,
+                });
             }
             Ok(Device::Cuda(index))
         }
@@ -44,7 +62,11 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
 /// The compute dtype: `--dtype` when given, else bf16 on CUDA and f32 on CPU.
 pub fn parse_kind(spec: Option<&str>, device: Device) -> Result<Kind, DeviceError> {
     match spec {
-        None => Ok(if device.is_cuda() { Kind::BFloat16 } else { Kind::Float }),
+        None => Ok(if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        }),
         Some("f32" | "float32") => Ok(Kind::Float),
         Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
         Some("f16" | "float16") => Ok(Kind::Half),
@@ -77,10 +99,19 @@ mod tests {
     #[test]
     fn parses_specs() {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
-        assert!(matches!(parse_device("gpu"), Err(DeviceError::BadDevice { .. })));
-        assert!(matches!(parse_device("cuda:x"), Err(DeviceError::BadDevice { .. })));
+        assert!(matches!(
+            parse_device("gpu"),
+            Err(DeviceError::BadDevice { .. })
+        ));
+        assert!(matches!(
+            parse_device("cuda:x"),
+            Err(DeviceError::BadDevice { .. })
+        ));
         assert_eq!(parse_kind(None, Device::Cpu).unwrap(), Kind::Float);
-        assert_eq!(parse_kind(Some("bf16"), Device::Cpu).unwrap(), Kind::BFloat16);
+        assert_eq!(
+            parse_kind(Some("bf16"), Device::Cpu).unwrap(),
+            Kind::BFloat16
+        );
         assert!(parse_kind(Some("int8"), Device::Cpu).is_err());
     }
 }

@@ -186,7 +186,10 @@ impl TextStream<'_> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
         self.ids.push(id);
         let text = self.tok.decode(&self.ids, false)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(None);
         }
         let new = text[self.emitted..].to_string();

@@ -60,13 +60,21 @@ fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut cfg);
     std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
 }
 
 fn generate_json(dir: &Path, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--json", "--device", "cpu"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+    ];
     args.extend_from_slice(extra);
     let out = qcoder(&args, &[]);
     assert!(out.status.success(), "{}", show(&out));
@@ -76,7 +84,10 @@ fn generate_json(dir: &Path, extra: &[&str]) -> serde_json::Value {
 #[test]
 fn generate_prints_json_with_ids_text_and_speed() {
     let dir = fixture("qwen2");
-    let v = generate_json(&dir, &["--prompt", "def add(a, b):\n", "--max-new-tokens", "8"]);
+    let v = generate_json(
+        &dir,
+        &["--prompt", "def add(a, b):\n", "--max-new-tokens", "8"],
+    );
     let ids = v["token_ids"].as_array().unwrap();
     assert!(!ids.is_empty() && ids.len() <= 8, "{v}");
     assert!(v["text"].is_string());
@@ -89,10 +100,18 @@ fn fim_prompt_uses_the_fim_tokens() {
     let dir = fixture("qwen3");
     let v = generate_json(
         &dir,
-        &["--fim-prefix", "def f(x):\n    ", "--fim-suffix", "\n    return y\n", "--max-new-tokens", "4"],
+        &[
+            "--fim-prefix",
+            "def f(x):\n    ",
+            "--fim-suffix",
+            "\n    return y\n",
+            "--max-new-tokens",
+            "4",
+        ],
     );
     let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
     let id_of = |t: &str| {
         tok["added_tokens"]
             .as_array()
@@ -103,7 +122,12 @@ fn fim_prompt_uses_the_fim_tokens() {
             .as_u64()
             .unwrap()
     };
-    let prompt: Vec<u64> = v["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let prompt: Vec<u64> = v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(prompt[0], id_of("<|fim_prefix|>"));
     assert_eq!(*prompt.last().unwrap(), id_of("<|fim_middle|>"));
     assert!(prompt.contains(&id_of("<|fim_suffix|>")));
@@ -112,7 +136,16 @@ fn fim_prompt_uses_the_fim_tokens() {
 #[test]
 fn sampling_is_reproducible_by_seed() {
     let dir = fixture("llama");
-    let args = ["--prompt", "import os\n", "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.9"];
+    let args = [
+        "--prompt",
+        "import os\n",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+    ];
     let run = |seed: &str| {
         let mut a = args.to_vec();
         a.extend(["--seed", seed]);
@@ -125,13 +158,26 @@ fn sampling_is_reproducible_by_seed() {
 fn plain_output_streams_the_completion() {
     let dir = fixture("qwen2");
     let out = qcoder(
-        &["generate", "-m", dir.to_str().unwrap(), "-p", "x = ", "--max-new-tokens", "6", "--device", "cpu"],
+        &[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "x = ",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ],
         &[],
     );
     assert!(out.status.success(), "{}", show(&out));
     let json = generate_json(&dir, &["-p", "x = ", "--max-new-tokens", "6"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.trim_end_matches('\n'), json["text"].as_str().unwrap().trim_end_matches('\n'));
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        json["text"].as_str().unwrap().trim_end_matches('\n')
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("tok/s"));
 }
 
@@ -213,7 +259,14 @@ fn wrong_shape_names_the_tensor_and_both_shapes() {
     let (_tmp, dir) = scratch("qwen2");
     edit_config(&dir, |c| c["intermediate_size"] = 96.into());
     let out = qcoder(&["generate", "-m", dir.to_str().unwrap(), "-p", "x"], &[]);
-    assert_error(&out, &["model.layers.0.mlp.gate_proj.weight", "[128, 64]", "[96, 64]"]);
+    assert_error(
+        &out,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[128, 64]",
+            "[96, 64]",
+        ],
+    );
 }
 
 #[test]
@@ -260,8 +313,18 @@ fn prompt_longer_than_the_context_is_refused() {
     let (_tmp, dir) = scratch("qwen2");
     edit_config(&dir, |c| c["max_position_embeddings"] = 8.into());
     let prompt = "def f(x):\n    return x * 2 + 1  # a comment that is long enough\n".repeat(3);
-    let out = qcoder(&["generate", "-m", dir.to_str().unwrap(), "-p", &prompt], &[]);
-    assert_error(&out, &["prompt is", "context is 8 tokens", "max_position_embeddings"]);
+    let out = qcoder(
+        &["generate", "-m", dir.to_str().unwrap(), "-p", &prompt],
+        &[],
+    );
+    assert_error(
+        &out,
+        &[
+            "prompt is",
+            "context is 8 tokens",
+            "max_position_embeddings",
+        ],
+    );
 }
 
 #[test]
@@ -270,16 +333,49 @@ fn cuda_where_there_is_none() {
         return; // only meaningful on a machine without a GPU
     }
     let dir = fixture("qwen2");
-    let out = qcoder(&["generate", "-m", dir.to_str().unwrap(), "-p", "x", "--device", "cuda"], &[]);
+    let out = qcoder(
+        &[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "x",
+            "--device",
+            "cuda",
+        ],
+        &[],
+    );
     assert_error(&out, &["--device cuda", "no CUDA device"]);
-    let out = qcoder(&["generate", "-m", dir.to_str().unwrap(), "-p", "x", "--device", "tpu"], &[]);
+    let out = qcoder(
+        &[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "x",
+            "--device",
+            "tpu",
+        ],
+        &[],
+    );
     assert_error(&out, &["--device 'tpu'"]);
 }
 
 #[test]
 fn bad_dtype_is_named() {
     let dir = fixture("qwen2");
-    let out = qcoder(&["generate", "-m", dir.to_str().unwrap(), "-p", "x", "--dtype", "int3"], &[]);
+    let out = qcoder(
+        &[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "x",
+            "--dtype",
+            "int3",
+        ],
+        &[],
+    );
     assert_error(&out, &["--dtype 'int3'"]);
 }
 
@@ -287,13 +383,17 @@ fn bad_dtype_is_named() {
 fn fim_on_a_tokenizer_without_fim_tokens() {
     let (_tmp, dir) = scratch("qwen2");
     let path = dir.join("tokenizer.json");
-    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     for t in tok["added_tokens"].as_array_mut().unwrap() {
         let c = t["content"].as_str().unwrap().replace("fim", "xim");
         t["content"] = c.into();
     }
     std::fs::write(&path, tok.to_string()).unwrap();
-    let out = qcoder(&["generate", "-m", dir.to_str().unwrap(), "--fim-prefix", "a"], &[]);
+    let out = qcoder(
+        &["generate", "-m", dir.to_str().unwrap(), "--fim-prefix", "a"],
+        &[],
+    );
     assert_error(&out, &["fill-in-the-middle"]);
 }
 
@@ -301,7 +401,10 @@ fn fim_on_a_tokenizer_without_fim_tokens() {
 fn hub_cache(repo: &str, model: &str) -> tempfile::TempDir {
     let home = tempfile::tempdir().unwrap();
     let sha = "3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a";
-    let folder = home.path().join("hub").join(format!("models--{}", repo.replace('/', "--")));
+    let folder = home
+        .path()
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
     std::fs::create_dir_all(folder.join("refs")).unwrap();
     std::fs::write(folder.join("refs/main"), sha).unwrap();
     copy_dir(&fixture(model), &folder.join("snapshots").join(sha));
@@ -313,7 +416,16 @@ fn hub_ids_resolve_from_the_shared_cache_offline() {
     let home = hub_cache("tiny-org/tiny-qwen", "qwen2");
     let hf_home = home.path().to_str().unwrap();
     let out = qcoder(
-        &["generate", "-m", "tiny-org/tiny-qwen", "-p", "x = ", "--max-new-tokens", "3", "--json"],
+        &[
+            "generate",
+            "-m",
+            "tiny-org/tiny-qwen",
+            "-p",
+            "x = ",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
         &[("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")],
     );
     assert!(out.status.success(), "{}", show(&out));
@@ -321,7 +433,14 @@ fn hub_ids_resolve_from_the_shared_cache_offline() {
         &["generate", "-m", "tiny-org/absent", "-p", "x"],
         &[("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")],
     );
-    assert_error(&out, &["tiny-org/absent", "HF_HUB_OFFLINE", &format!("{hf_home}/hub")]);
+    assert_error(
+        &out,
+        &[
+            "tiny-org/absent",
+            "HF_HUB_OFFLINE",
+            &format!("{hf_home}/hub"),
+        ],
+    );
 }
 
 #[test]
@@ -333,7 +452,18 @@ fn unreachable_hub_says_so_and_names_the_cache() {
     let out = qcoder(&["generate", "-m", "tiny-org/not-cached", "-p", "x"], &env);
     assert_error(&out, &["could not be reached", &format!("{hf_home}/hub")]);
     // A cached model still works when the hub is unreachable.
-    let out = qcoder(&["generate", "-m", "tiny-org/tiny-qwen", "-p", "x", "--max-new-tokens", "2"], &env);
+    let out = qcoder(
+        &[
+            "generate",
+            "-m",
+            "tiny-org/tiny-qwen",
+            "-p",
+            "x",
+            "--max-new-tokens",
+            "2",
+        ],
+        &env,
+    );
     assert!(out.status.success(), "{}", show(&out));
 }
 
@@ -361,7 +491,10 @@ fn binary_keeps_libtorch_cuda_linked() {
         dynamic.contains("Shared library: [libtorch_cuda.so]"),
         "libtorch_cuda.so is not NEEDED:\n{dynamic}"
     );
-    assert!(dynamic.contains("RUNPATH") || dynamic.contains("RPATH"), "no rpath:\n{dynamic}");
+    assert!(
+        dynamic.contains("RUNPATH") || dynamic.contains("RPATH"),
+        "no rpath:\n{dynamic}"
+    );
 }
 
 #[test]

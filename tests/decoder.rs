@@ -26,7 +26,8 @@ struct Reference {
 fn reference(name: &str) -> Reference {
     let dir = fixture(name);
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let ids = |key: &str| -> Vec<i64> {
         meta[key]
             .as_array()
@@ -101,7 +102,10 @@ fn kv_cache_gives_the_same_logits() {
         let cached = Tensor::cat(&pieces, 0);
         let diff = max_abs_diff(&cached, &full);
         println!("{name}: cached vs uncached max |Δ| = {diff:.2e}");
-        assert!(diff <= 1e-5, "{name}: cached vs uncached differ by {diff:e}");
+        assert!(
+            diff <= 1e-5,
+            "{name}: cached vs uncached differ by {diff:e}"
+        );
     }
 }
 
@@ -112,15 +116,32 @@ fn greedy_tokens_match_transformers_with_and_without_cache() {
         let model = load(name);
         let r = reference(name);
         let prompt: Vec<u32> = r.prompt.iter().map(|&t| t as u32).collect();
-        let out = generate(&model, &prompt, r.greedy.len(), &[], SamplingParams::default(), &mut |_| {}).unwrap();
-        assert_eq!(out.tokens, r.greedy, "{name}: greedy tokens with the KV cache");
+        let out = generate(
+            &model,
+            &prompt,
+            r.greedy.len(),
+            &[],
+            SamplingParams::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            out.tokens, r.greedy,
+            "{name}: greedy tokens with the KV cache"
+        );
 
         // Without a cache: re-run the whole sequence every step.
         let mut seq = r.prompt.clone();
         let mut tokens = Vec::new();
         for _ in 0..r.greedy.len() {
-            let logits = model.forward(&Tensor::from_slice(&seq).unsqueeze(0), None).unwrap();
-            let next = logits.get(0).get(seq.len() as i64 - 1).argmax(-1, false).int64_value(&[]);
+            let logits = model
+                .forward(&Tensor::from_slice(&seq).unsqueeze(0), None)
+                .unwrap();
+            let next = logits
+                .get(0)
+                .get(seq.len() as i64 - 1)
+                .argmax(-1, false)
+                .int64_value(&[]);
             tokens.push(next as u32);
             seq.push(next);
         }
@@ -135,7 +156,15 @@ fn stop_tokens_end_generation() {
     let r = reference("qwen2");
     let prompt: Vec<u32> = r.prompt.iter().map(|&t| t as u32).collect();
     let stop = r.greedy[3];
-    let out = generate(&model, &prompt, 16, &[stop], SamplingParams::default(), &mut |_| {}).unwrap();
+    let out = generate(
+        &model,
+        &prompt,
+        16,
+        &[stop],
+        SamplingParams::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     let first = r.greedy.iter().position(|&t| t == stop).unwrap();
     assert_eq!(out.tokens, r.greedy[..first].to_vec());
     assert_eq!(out.stop, qcoder::infer::StopReason::StopToken(stop));
@@ -154,7 +183,11 @@ fn bf16_runs_close_to_f32() {
     .unwrap();
     let r = reference("qwen3");
     let input = Tensor::from_slice(&r.prompt).unsqueeze(0);
-    let logits = model.forward(&input, None).unwrap().get(0).to_kind(Kind::Float);
+    let logits = model
+        .forward(&input, None)
+        .unwrap()
+        .get(0)
+        .to_kind(Kind::Float);
     let diff = max_abs_diff(&logits, &r.logits);
     let scale = r.logits.abs().max().double_value(&[]);
     // bf16 keeps 8 bits of mantissa; two layers of it stay within a few percent.

@@ -28,7 +28,11 @@ fn asset(name: &str) -> PathBuf {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -43,14 +47,27 @@ fn real_qwen3_tokenizer_matches_python_tokenizers() {
         let text = case["text"].as_str().unwrap();
         let got = tok.encode(text, true).unwrap();
         assert_eq!(got, ids(&case["ids"]), "case {}", case["name"]);
-        assert_eq!(tok.decode(&got, false).unwrap(), text, "round trip of {}", case["name"]);
+        assert_eq!(
+            tok.decode(&got, false).unwrap(),
+            text,
+            "round trip of {}",
+            case["name"]
+        );
     }
     // The FIM prompt built from ids equals the tokenised FIM string.
     let parts = &reference["fim_parts"];
     let fim = tok
-        .fim_prompt(parts["prefix"].as_str().unwrap(), parts["suffix"].as_str().unwrap())
+        .fim_prompt(
+            parts["prefix"].as_str().unwrap(),
+            parts["suffix"].as_str().unwrap(),
+        )
         .unwrap();
-    let fim_case = reference["cases"].as_array().unwrap().iter().find(|c| c["name"] == "fim").unwrap();
+    let fim_case = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "fim")
+        .unwrap();
     assert_eq!(fim, ids(&fim_case["ids"]));
 }
 
@@ -58,8 +75,14 @@ fn real_qwen3_tokenizer_matches_python_tokenizers() {
 fn real_qwen3_special_and_fim_ids() {
     let tok = CodeTokenizer::from_model_dir(&asset("qwen3-tokenizer")).unwrap();
     let fim = tok.fim().expect("Qwen has FIM tokens");
-    assert_eq!((fim.prefix, fim.middle, fim.suffix), (151659, 151660, 151661));
-    assert_eq!((fim.pad, fim.repo_name, fim.file_sep), (Some(151662), Some(151663), Some(151664)));
+    assert_eq!(
+        (fim.prefix, fim.middle, fim.suffix),
+        (151659, 151660, 151661)
+    );
+    assert_eq!(
+        (fim.pad, fim.repo_name, fim.file_sep),
+        (Some(151662), Some(151663), Some(151664))
+    );
     assert_eq!(tok.token_id("<|endoftext|>"), Some(151643));
     assert_eq!(tok.token_id("<|im_end|>"), Some(151645));
     let stops = tok.stop_ids(&[]);
@@ -69,7 +92,8 @@ fn real_qwen3_special_and_fim_ids() {
 }
 
 fn merges_form(path: &Path) -> &'static str {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     if v["model"]["merges"][0].is_string() {
         "string"
     } else {
@@ -87,5 +111,8 @@ fn both_merges_encodings_load_and_agree() {
     let b = CodeTokenizer::from_file(&pairs).unwrap();
     let text = "def heappush(heap, item):\n    heap.append(item)\n";
     assert_eq!(a.encode(text, true).unwrap(), b.encode(text, true).unwrap());
-    assert!(a.encode(text, true).unwrap().len() < text.len(), "merges were applied");
+    assert!(
+        a.encode(text, true).unwrap().len() < text.len(),
+        "merges were applied"
+    );
 }

@@ -62,7 +62,10 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
         }
         match stream.push(id) {
             Ok(Some(text)) => {
-                if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
+                if let Err(e) = stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|_| stdout.flush())
+                {
                     write_err = Some(e);
                 }
             }
@@ -70,8 +73,14 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
             Err(e) => eprintln!("warning: {e}"),
         }
     };
-    let out = generate(&model, &prompt, args.max_new_tokens, &stop_ids, sampling, &mut on_token)?;
-    drop(on_token);
+    let out = generate(
+        &model,
+        &prompt,
+        args.max_new_tokens,
+        &stop_ids,
+        sampling,
+        &mut on_token,
+    )?;
     if let Some(e) = write_err {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return Err(e).context("writing to stdout");
@@ -81,7 +90,11 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
     let text = tokenizer.decode(&out.tokens, false)?;
     let per_s = |n: usize, d: std::time::Duration| {
         let s = d.as_secs_f64();
-        if s > 0.0 { n as f64 / s } else { 0.0 }
+        if s > 0.0 {
+            n as f64 / s
+        } else {
+            0.0
+        }
     };
     if args.json {
         let report = json!({

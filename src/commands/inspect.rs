@@ -43,7 +43,11 @@ fn inspect_model_dir(dir: &Path, out: &mut impl Write) -> Result<()> {
         .and_then(|a| a.first().cloned())
         .unwrap_or_else(|| "?".into());
     writeln!(out, "model        {}", dir.display())?;
-    writeln!(out, "architecture {arch} (model_type {})", config.model_type)?;
+    writeln!(
+        out,
+        "architecture {arch} (model_type {})",
+        config.model_type
+    )?;
     writeln!(
         out,
         "shape        {} layers, hidden {}, ffn {}, heads {} (kv {}), head_dim {}, vocab {}",
@@ -59,11 +63,19 @@ fn inspect_model_dir(dir: &Path, out: &mut impl Write) -> Result<()> {
         .rope()
         .map(|r| format!("theta {}, scaling {:?}", r.theta, r.scaling))
         .unwrap_or_else(|e| format!("invalid: {e}"));
-    writeln!(out, "context      {} tokens; rope {rope}", config.max_position_embeddings)?;
+    writeln!(
+        out,
+        "context      {} tokens; rope {rope}",
+        config.max_position_embeddings
+    )?;
     writeln!(
         out,
         "embeddings   {}",
-        if config.tie_word_embeddings() { "tied" } else { "separate lm_head" }
+        if config.tie_word_embeddings() {
+            "tied"
+        } else {
+            "separate lm_head"
+        }
     )?;
     if let Some(q) = &config.quantization_config {
         writeln!(out, "quantization {q}")?;
@@ -110,10 +122,21 @@ fn tensor_table(ckpt: &Checkpoint, out: &mut impl Write) -> Result<()> {
         dtypes.join(", ")
     )?;
     writeln!(out)?;
-    let width = ckpt.tensors().map(|t| t.name.len()).max().unwrap_or(6).max(6);
+    let width = ckpt
+        .tensors()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     writeln!(out, "{:<width$}  {:<5}  shape", "tensor", "dtype")?;
     for t in ckpt.tensors() {
-        writeln!(out, "{:<width$}  {:<5}  {:?}", t.name, dtype_name(t.dtype), t.shape)?;
+        writeln!(
+            out,
+            "{:<width$}  {:<5}  {:?}",
+            t.name,
+            dtype_name(t.dtype),
+            t.shape
+        )?;
     }
     Ok(())
 }

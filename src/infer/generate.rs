@@ -55,11 +55,18 @@ pub fn generate(
         return Err(ModelError::EmptyPrompt);
     }
     if prompt.len() > max_pos {
-        return Err(ModelError::TooLong { what: "the prompt", len: prompt.len(), max: max_pos });
+        return Err(ModelError::TooLong {
+            what: "the prompt",
+            len: prompt.len(),
+            max: max_pos,
+        });
     }
     let vocab = model.config().vocab_size;
     if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ModelError::TokenOutOfRange { id: id as i64, vocab });
+        return Err(ModelError::TokenOutOfRange {
+            id: id as i64,
+            vocab,
+        });
     }
     let capacity = (prompt.len() + max_new_tokens).min(max_pos);
     let mut tokens = Vec::with_capacity(max_new_tokens);

@@ -79,7 +79,11 @@ fn nucleus(probs: &[f32], top_k: usize, top_p: f64) -> Vec<(f32, u32)> {
         .filter(|(_, p)| **p > 0.0)
         .map(|(i, &p)| (p, i as u32))
         .collect();
-    let limit = if top_k == 0 { all.len() } else { top_k.min(all.len()) };
+    let limit = if top_k == 0 {
+        all.len()
+    } else {
+        top_k.min(all.len())
+    };
     let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     let mut k = 64.min(limit);
     loop {
@@ -126,7 +130,11 @@ mod tests {
     #[test]
     fn same_seed_same_choices() {
         let logits = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 0.5, 1.5]);
-        let params = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let draw = || {
             let mut s = Sampler::new(params);
             (0..32).map(|_| s.sample(&logits)).collect::<Vec<_>>()

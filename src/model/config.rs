@@ -138,7 +138,9 @@ fn default_rms_norm_eps() -> f64 {
 pub enum RopeScaling {
     Default,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -174,11 +176,10 @@ impl ModelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: ModelConfig =
-            serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: path.to_path_buf(),
-                msg: e.to_string(),
-            })?;
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         config.validate().map_err(|msg| ModelError::Config {
             path: path.to_path_buf(),
             msg,
@@ -229,14 +230,19 @@ impl ModelConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("`head_dim` ({}) must be even for RoPE", self.head_dim()));
+            return Err(format!(
+                "`head_dim` ({}) must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
-                return Err(format!("`hidden_act` = \"{act}\" is not supported (only \"silu\")"));
+                return Err(format!(
+                    "`hidden_act` = \"{act}\" is not supported (only \"silu\")"
+                ));
             }
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err("`rms_norm_eps` must be positive".into());
         }
         self.rope()?;
@@ -376,10 +382,13 @@ impl ModelConfig {
             }
         };
         let required = |key: &str| -> Result<f64, String> {
-            number(key)?.ok_or_else(|| format!("rope parameter `{key}` is required for this rope type"))
+            number(key)?
+                .ok_or_else(|| format!("rope parameter `{key}` is required for this rope type"))
         };
-        let theta = number("rope_theta")?.or(self.rope_theta).unwrap_or(10_000.0);
-        if !(theta > 1.0) {
+        let theta = number("rope_theta")?
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0);
+        if theta.is_nan() || theta <= 1.0 {
             return Err(format!("`rope_theta` must be greater than 1, got {theta}"));
         }
         let partial = number("partial_rotary_factor")?
@@ -387,7 +396,10 @@ impl ModelConfig {
             .unwrap_or(1.0);
         let dim = (self.head_dim() as f64 * partial) as usize;
         if dim == 0 || dim % 2 != 0 || dim > self.head_dim() {
-            return Err(format!("rotary dimension {dim} is invalid for head_dim {}", self.head_dim()));
+            return Err(format!(
+                "rotary dimension {dim} is invalid for head_dim {}",
+                self.head_dim()
+            ));
         }
         let rope_type = field("rope_type")
             .or_else(|| field("type"))
@@ -448,16 +460,18 @@ impl ModelConfig {
             }
             other => {
                 return Err(format!(
-                    "rope type \"{other}\" is not supported (supported: default, linear, llama3, yarn)"
-                ))
+                "rope type \"{other}\" is not supported (supported: default, linear, llama3, yarn)"
+            ))
             }
         };
         if let RopeScaling::Linear { factor }
         | RopeScaling::Llama3 { factor, .. }
         | RopeScaling::Yarn { factor, .. } = &scaling
         {
-            if !(*factor > 0.0) {
-                return Err(format!("rope scaling `factor` must be positive, got {factor}"));
+            if factor.is_nan() || *factor <= 0.0 {
+                return Err(format!(
+                    "rope scaling `factor` must be positive, got {factor}"
+                ));
             }
         }
         Ok(Rope {
@@ -488,8 +502,7 @@ mod tests {
     fn old_and_new_rope_forms_agree() {
         let mut old = base();
         old["rope_theta"] = 1e6.into();
-        old["rope_scaling"] =
-            serde_json::json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32});
+        old["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32});
         let mut new = base();
         new["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6,
             "factor": 4.0, "original_max_position_embeddings": 32});

@@ -120,7 +120,8 @@ impl Rotary {
                 let low_freq_wavelen = old_len / low_freq_factor;
                 let high_freq_wavelen = old_len / high_freq_factor;
                 let wavelen = default.reciprocal() * (2.0 * std::f64::consts::PI);
-                let scaled = default.where_self(&wavelen.le(low_freq_wavelen), &(&default / *factor));
+                let scaled =
+                    default.where_self(&wavelen.le(low_freq_wavelen), &(&default / *factor));
                 let smooth = (wavelen.reciprocal() * *old_len - *low_freq_factor)
                     / (high_freq_factor - low_freq_factor);
                 let smoothed: Tensor = (1.0 - &smooth) * &scaled / *factor + &smooth * &scaled;
@@ -140,7 +141,9 @@ impl Rotary {
                 let base = rope.theta;
                 let d = dim as f64;
                 let correction_dim = |rotations: f64| {
-                    d * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    d * (original_max_position_embeddings
+                        / (rotations * 2.0 * std::f64::consts::PI))
+                        .ln()
                         / (2.0 * base.ln())
                 };
                 let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
@@ -153,7 +156,8 @@ impl Rotary {
                 if low == high {
                     high += 0.001;
                 }
-                let ramp = ((Tensor::arange(dim / 2, f32_cpu) - low) / (high - low)).clamp(0.0, 1.0);
+                let ramp =
+                    ((Tensor::arange(dim / 2, f32_cpu) - low) / (high - low)).clamp(0.0, 1.0);
                 let extrapolation_factor = 1.0 - ramp;
                 let extrapolation = pos_freqs.reciprocal();
                 let interpolation = (pos_freqs * *factor).reciprocal();
@@ -176,8 +180,8 @@ impl Rotary {
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let (mut cos, mut sin) = (emb.cos(), emb.sin());
         if self.attention_scaling != 1.0 {
-            cos = cos * self.attention_scaling;
-            sin = sin * self.attention_scaling;
+            cos *= self.attention_scaling;
+            sin *= self.attention_scaling;
         }
         (
             cos.to_kind(kind).unsqueeze(1),
@@ -192,7 +196,10 @@ impl Rotary {
         let (rot, pass) = if self.dim == head_dim {
             (x.shallow_clone(), None)
         } else {
-            (x.narrow(3, 0, self.dim), Some(x.narrow(3, self.dim, head_dim - self.dim)))
+            (
+                x.narrow(3, 0, self.dim),
+                Some(x.narrow(3, self.dim, head_dim - self.dim)),
+            )
         };
         let half = self.dim / 2;
         let x1 = rot.narrow(3, 0, half);
@@ -240,7 +247,10 @@ impl KvCache {
         let start = self.len as i64;
         k_cache.narrow(2, start, seq).copy_(k);
         v_cache.narrow(2, start, seq).copy_(v);
-        (k_cache.narrow(2, 0, start + seq), v_cache.narrow(2, 0, start + seq))
+        (
+            k_cache.narrow(2, 0, start + seq),
+            v_cache.narrow(2, 0, start + seq),
+        )
     }
 }
 
@@ -333,19 +343,25 @@ impl Attention {
             let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
             sdpa(&q, &k, &v, mask, scale, true)
         };
-        let out = out.transpose(1, 2).reshape([b, s, self.n_heads * self.head_dim]);
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, s, self.n_heads * self.head_dim]);
         self.o_proj.forward(&out)
     }
 }
 
 fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64, causal_ok: bool) -> Tensor {
     match mask {
-        Mask::None => Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, scale, false),
+        Mask::None => {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, scale, false)
+        }
         Mask::Causal if causal_ok => {
             Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, false)
         }
         Mask::Causal => unreachable!("a causal prefill has more than one query"),
-        Mask::Explicit(m) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, false),
+        Mask::Explicit(m) => {
+            Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, false)
+        }
     }
 }
 
@@ -397,7 +413,11 @@ pub struct CausalLm {
 impl CausalLm {
     /// Builds the model from a checkpoint, checking every tensor's shape
     /// against the config.
-    pub fn load(config: &ModelConfig, ckpt: &Checkpoint, opts: LoadOptions) -> Result<Self, ModelError> {
+    pub fn load(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        opts: LoadOptions,
+    ) -> Result<Self, ModelError> {
         let arch = config.architecture()?;
         let bad_config = |msg: String| ModelError::Config {
             path: ckpt.root().join("config.json"),
@@ -434,10 +454,22 @@ impl CausalLm {
             layers.push(DecoderLayer {
                 input_layernorm: layer.pp("input_layernorm").rms_norm(hidden, eps)?,
                 self_attn: Attention {
-                    q_proj: attn.pp("q_proj").linear(hidden, n_heads * head_dim, config.qkv_bias())?,
-                    k_proj: attn.pp("k_proj").linear(hidden, n_kv * head_dim, config.qkv_bias())?,
-                    v_proj: attn.pp("v_proj").linear(hidden, n_kv * head_dim, config.qkv_bias())?,
-                    o_proj: attn.pp("o_proj").linear(n_heads * head_dim, hidden, config.o_bias())?,
+                    q_proj: attn.pp("q_proj").linear(
+                        hidden,
+                        n_heads * head_dim,
+                        config.qkv_bias(),
+                    )?,
+                    k_proj: attn
+                        .pp("k_proj")
+                        .linear(hidden, n_kv * head_dim, config.qkv_bias())?,
+                    v_proj: attn
+                        .pp("v_proj")
+                        .linear(hidden, n_kv * head_dim, config.qkv_bias())?,
+                    o_proj: attn.pp("o_proj").linear(
+                        n_heads * head_dim,
+                        hidden,
+                        config.o_bias(),
+                    )?,
                     q_norm: qk_norm("q_norm")?,
                     k_norm: qk_norm("k_norm")?,
                     n_heads: n_heads as i64,
@@ -445,11 +477,25 @@ impl CausalLm {
                     head_dim: head_dim as i64,
                     window,
                 },
-                post_attention_layernorm: layer.pp("post_attention_layernorm").rms_norm(hidden, eps)?,
+                post_attention_layernorm: layer
+                    .pp("post_attention_layernorm")
+                    .rms_norm(hidden, eps)?,
                 mlp: Mlp {
-                    gate_proj: mlp.pp("gate_proj").linear(hidden, config.intermediate_size, config.mlp_bias())?,
-                    up_proj: mlp.pp("up_proj").linear(hidden, config.intermediate_size, config.mlp_bias())?,
-                    down_proj: mlp.pp("down_proj").linear(config.intermediate_size, hidden, config.mlp_bias())?,
+                    gate_proj: mlp.pp("gate_proj").linear(
+                        hidden,
+                        config.intermediate_size,
+                        config.mlp_bias(),
+                    )?,
+                    up_proj: mlp.pp("up_proj").linear(
+                        hidden,
+                        config.intermediate_size,
+                        config.mlp_bias(),
+                    )?,
+                    down_proj: mlp.pp("down_proj").linear(
+                        config.intermediate_size,
+                        hidden,
+                        config.mlp_bias(),
+                    )?,
                 },
             });
         }
@@ -457,7 +503,8 @@ impl CausalLm {
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings() {
             Box::new(DenseLinear::new(embed_tokens.shallow_clone(), None))
         } else {
-            root.pp("lm_head").linear(hidden, config.vocab_size, false)?
+            root.pp("lm_head")
+                .linear(hidden, config.vocab_size, false)?
         };
         Ok(Self {
             config: config.clone(),
@@ -508,7 +555,11 @@ impl CausalLm {
 
     /// Hidden states after the final norm, (batch, seq, hidden). With a cache,
     /// `input_ids` continue the cached sequence and are appended to it.
-    pub fn forward_hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
         let (b, s) = input_ids.size2()?;
         let past = cache.as_ref().map_or(0, |c| c.len) as i64;
         let end = (past + s) as usize;
@@ -541,13 +592,22 @@ impl CausalLm {
             if !masks.iter().any(|(w, _)| *w == window) {
                 masks.push((window, Mask::build(s, past, window, device)));
             }
-            let mask = &masks.iter().find(|(w, _)| *w == window).expect("mask built above").1;
+            let mask = &masks
+                .iter()
+                .find(|(w, _)| *w == window)
+                .expect("mask built above")
+                .1;
             let h = layer.input_layernorm.forward(&x);
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            let h = layer.self_attn.forward(&h, &self.rotary, &cos_sin, mask, layer_cache);
-            x = x + h;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
-            x = x + h;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rotary, &cos_sin, mask, layer_cache);
+            // Out of place on purpose: autograd keeps the old `x` for the norm's backward.
+            x = &x + h;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x));
+            x = &x + h;
         }
         if let Some(cache) = cache {
             cache.len = end;
@@ -556,14 +616,22 @@ impl CausalLm {
     }
 
     /// Logits (batch, seq, vocab) in the model's dtype.
-    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
         let hidden = self.forward_hidden(input_ids, cache)?;
         Ok(self.lm_head.forward(&hidden))
     }
 
     /// Logits of the last position only, (batch, vocab), in f32: what
     /// generation needs, without the output projection of every prompt token.
-    pub fn forward_last(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor, ModelError> {
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
         let hidden = self.forward_hidden(input_ids, cache)?;
         let s = hidden.size()[1];
         let last = hidden.narrow(1, s - 1, 1).squeeze_dim(1);

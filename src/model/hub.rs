@@ -53,8 +53,7 @@ impl HubId {
             !p.is_empty()
                 && p != "."
                 && p != ".."
-                && p
-                    .chars()
+                && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         if parts.is_empty() || parts.len() > 2 || !parts.iter().all(|p| valid_part(p)) {
@@ -73,7 +72,8 @@ impl HubId {
     /// The snapshot directory of this revision if the cache has its config.
     pub fn cached_snapshot(&self, cache: &Path) -> Option<PathBuf> {
         let folder = self.folder(cache);
-        let is_sha = self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit());
+        let is_sha =
+            self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit());
         let commit = if is_sha {
             self.revision.clone()
         } else {
@@ -89,7 +89,11 @@ impl HubId {
 
 /// The hub cache directory `huggingface_hub` would use.
 pub fn cache_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = env("HF_HUB_CACHE") {
         return dir;
     }
@@ -105,7 +109,12 @@ pub fn cache_dir() -> PathBuf {
 /// `HF_HUB_OFFLINE` as `huggingface_hub` reads it.
 pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 

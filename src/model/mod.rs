@@ -55,7 +55,9 @@ pub enum ModelError {
         path: PathBuf,
         dtype: String,
     },
-    #[error("{what} is {len} tokens, but the model's context is {max} tokens (max_position_embeddings)")]
+    #[error(
+        "{what} is {len} tokens, but the model's context is {max} tokens (max_position_embeddings)"
+    )]
     TooLong {
         what: &'static str,
         len: usize,

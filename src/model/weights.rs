@@ -121,7 +121,9 @@ impl Checkpoint {
                 .as_str()
                 .ok_or_else(|| bad(format!("`weight_map.{name}` is not a file name")))?;
             if shard.contains('/') || shard.contains('\\') || shard == ".." {
-                return Err(bad(format!("shard name `{shard}` is not a plain file name")));
+                return Err(bad(format!(
+                    "shard name `{shard}` is not a plain file name"
+                )));
             }
             if !shards.iter().any(|s| s == shard) {
                 shards.push(shard.to_string());
@@ -154,10 +156,7 @@ impl Checkpoint {
                     let prev: &MappedFile = &files[prev];
                     return Err(ModelError::ShardIndex {
                         path: path.clone(),
-                        msg: format!(
-                            "tensor `{name}` is also stored in {}",
-                            prev.path.display()
-                        ),
+                        msg: format!("tensor `{name}` is also stored in {}", prev.path.display()),
                     });
                 }
             }
