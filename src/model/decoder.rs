@@ -94,8 +94,6 @@ struct Rotary {
     inv_freq: Tensor,
     /// YaRN's cos/sin multiplier (1 otherwise).
     attention_scaling: f64,
-    /// Rotated dimensions of each head.
-    dim: i64,
 }
 
 impl Rotary {
@@ -169,7 +167,6 @@ impl Rotary {
         Self {
             inv_freq: inv_freq.to_device(device),
             attention_scaling,
-            dim,
         }
     }
 
@@ -188,28 +185,27 @@ impl Rotary {
             sin.to_kind(kind).unsqueeze(1),
         )
     }
+}
 
-    /// `x * cos + rotate_half(x) * sin` on the first `dim` features of each head.
-    /// x: (batch, heads, seq, head_dim)
-    fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-        let head_dim = x.size()[3];
-        let (rot, pass) = if self.dim == head_dim {
-            (x.shallow_clone(), None)
-        } else {
-            (
-                x.narrow(3, 0, self.dim),
-                Some(x.narrow(3, self.dim, head_dim - self.dim)),
-            )
-        };
-        let half = self.dim / 2;
-        let x1 = rot.narrow(3, 0, half);
-        let x2 = rot.narrow(3, half, half);
-        let rotated = Tensor::cat(&[&(-x2), &x1], -1);
-        let out = &rot * cos + rotated * sin;
-        match pass {
-            None => out,
-            Some(pass) => Tensor::cat(&[&out, &pass], -1),
-        }
+/// `x * cos + rotate_half(x) * sin` on the first `dim` features of each head,
+/// where `dim` is the width of `cos` (partial rotary leaves the rest as is).
+/// x: (batch, heads, seq, head_dim); cos, sin: (batch, 1, seq, dim)
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let head_dim = x.size()[3];
+    let dim = cos.size()[3];
+    let (rot, pass) = if dim == head_dim {
+        (x.shallow_clone(), None)
+    } else {
+        (x.narrow(3, 0, dim), Some(x.narrow(3, dim, head_dim - dim)))
+    };
+    let half = dim / 2;
+    let x1 = rot.narrow(3, 0, half);
+    let x2 = rot.narrow(3, half, half);
+    let rotated = Tensor::cat(&[&(-x2), &x1], -1);
+    let out = &rot * cos + rotated * sin;
+    match pass {
+        None => out,
+        Some(pass) => Tensor::cat(&[&out, &pass], -1),
     }
 }
 
@@ -305,7 +301,6 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rotary: &Rotary,
         cos_sin: &(Tensor, Tensor),
         mask: &Mask,
         cache: Option<(&mut KvCache, usize)>,
@@ -323,8 +318,8 @@ impl Attention {
         let k = heads(self.k_proj.forward(x), self.n_kv_heads, &self.k_norm);
         let v = heads(self.v_proj.forward(x), self.n_kv_heads, &None);
         let (cos, sin) = cos_sin;
-        let q = rotary.apply(&q, cos, sin);
-        let k = rotary.apply(&k, cos, sin);
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v),
             None => (k, v),
@@ -398,6 +393,192 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+/// Names of a layer's linears relative to `model.layers.{i}`, in the order
+/// `DecoderLayer::linears_mut` yields them.
+pub const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl DecoderLayer {
+    /// Loads decoder layer `index` alone (layer-by-layer work such as
+    /// quantization never holds the whole model).
+    pub fn load(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        index: usize,
+        opts: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let bad_config = |msg: String| ModelError::Config {
+            path: ckpt.root().join("config.json"),
+            msg,
+        };
+        let window = *config
+            .layer_windows()
+            .map_err(bad_config)?
+            .get(index)
+            .ok_or_else(|| bad_config(format!("there is no layer {index}")))?;
+        let hidden = config.hidden_size;
+        let head_dim = config.head_dim();
+        let (n_heads, n_kv) = (config.num_attention_heads, config.n_kv_heads());
+        let eps = config.rms_norm_eps;
+        let root = Loader {
+            ckpt,
+            prefix: String::new(),
+            opts,
+        };
+        let layer = root.pp("model").pp("layers").pp(index);
+        let attn = layer.pp("self_attn");
+        let mlp = layer.pp("mlp");
+        let qk_norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
+            if config.has_qk_norm() {
+                Ok(Some(attn.pp(name).rms_norm(head_dim, eps)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let ffn = config.intermediate_size;
+        Ok(DecoderLayer {
+            input_layernorm: layer.pp("input_layernorm").rms_norm(hidden, eps)?,
+            self_attn: Attention {
+                q_proj: attn
+                    .pp("q_proj")
+                    .linear(hidden, n_heads * head_dim, config.qkv_bias())?,
+                k_proj: attn
+                    .pp("k_proj")
+                    .linear(hidden, n_kv * head_dim, config.qkv_bias())?,
+                v_proj: attn
+                    .pp("v_proj")
+                    .linear(hidden, n_kv * head_dim, config.qkv_bias())?,
+                o_proj: attn
+                    .pp("o_proj")
+                    .linear(n_heads * head_dim, hidden, config.o_bias())?,
+                q_norm: qk_norm("q_norm")?,
+                k_norm: qk_norm("k_norm")?,
+                n_heads: n_heads as i64,
+                n_kv_heads: n_kv as i64,
+                head_dim: head_dim as i64,
+                window,
+            },
+            post_attention_layernorm: layer.pp("post_attention_layernorm").rms_norm(hidden, eps)?,
+            mlp: Mlp {
+                gate_proj: mlp.pp("gate_proj").linear(hidden, ffn, config.mlp_bias())?,
+                up_proj: mlp.pp("up_proj").linear(hidden, ffn, config.mlp_bias())?,
+                down_proj: mlp.pp("down_proj").linear(ffn, hidden, config.mlp_bias())?,
+            },
+        })
+    }
+
+    /// x: (batch, seq, hidden) -> (batch, seq, hidden). With a cache, `x`
+    /// continues the cached sequence of layer `layer_index`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
+        let h = self.input_layernorm.forward(x);
+        let mask = ctx.mask(self.self_attn.window);
+        let h = self.self_attn.forward(&h, &ctx.cos_sin, mask, cache);
+        // Out of place on purpose: autograd keeps the old `x` for the norm's backward.
+        let x = x + h;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x));
+        &x + h
+    }
+
+    /// The attention block alone, from the residual stream: self_attn(input_layernorm(x)).
+    pub fn attention_block(&self, x: &Tensor, ctx: &StepContext) -> Tensor {
+        let h = self.input_layernorm.forward(x);
+        self.self_attn
+            .forward(&h, &ctx.cos_sin, ctx.mask(self.self_attn.window), None)
+    }
+
+    /// The seven linears, named as in `LAYER_LINEARS`.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Box<dyn Linear>); 7] {
+        let a = &mut self.self_attn;
+        let m = &mut self.mlp;
+        [
+            (LAYER_LINEARS[0], &mut a.q_proj),
+            (LAYER_LINEARS[1], &mut a.k_proj),
+            (LAYER_LINEARS[2], &mut a.v_proj),
+            (LAYER_LINEARS[3], &mut a.o_proj),
+            (LAYER_LINEARS[4], &mut m.gate_proj),
+            (LAYER_LINEARS[5], &mut m.up_proj),
+            (LAYER_LINEARS[6], &mut m.down_proj),
+        ]
+    }
+}
+
+/// What all layers of one forward call share: rotary cos/sin of the positions
+/// and the attention mask of each distinct window.
+pub struct StepContext {
+    cos_sin: (Tensor, Tensor),
+    masks: Vec<(Option<usize>, Mask)>,
+}
+
+impl StepContext {
+    fn mask(&self, window: Option<usize>) -> &Mask {
+        &self
+            .masks
+            .iter()
+            .find(|(w, _)| *w == window)
+            .expect("StepContext built for every window of the model")
+            .1
+    }
+}
+
+/// The position machinery of a model (rotary tables and sliding windows),
+/// for callers that run layers one at a time.
+#[derive(Debug)]
+pub struct Positional {
+    rotary: Rotary,
+    windows: Vec<Option<usize>>,
+    opts: LoadOptions,
+}
+
+impl Positional {
+    pub fn new(
+        config: &ModelConfig,
+        config_path: &std::path::Path,
+        opts: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let bad = |msg: String| ModelError::Config {
+            path: config_path.to_path_buf(),
+            msg,
+        };
+        let rope = config.rope().map_err(bad)?;
+        Ok(Self {
+            rotary: Rotary::new(&rope, opts.device),
+            windows: config.layer_windows().map_err(bad)?,
+            opts,
+        })
+    }
+
+    /// Context for `seq` new positions after `past` cached ones, for `batch` rows.
+    pub fn context(&self, batch: i64, seq: i64, past: i64) -> StepContext {
+        let device = self.opts.device;
+        let positions = Tensor::arange_start(past, past + seq, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([batch, seq], false);
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.opts.kind);
+        let mut masks: Vec<(Option<usize>, Mask)> = Vec::new();
+        for &window in &self.windows {
+            if !masks.iter().any(|(w, _)| *w == window) {
+                masks.push((window, Mask::build(seq, past, window, device)));
+            }
+        }
+        StepContext {
+            cos_sin: (cos, sin),
+            masks,
+        }
+    }
+}
+
 /// A decoder-only causal LM (`*ForCausalLM`).
 pub struct CausalLm {
     config: ModelConfig,
@@ -406,7 +587,7 @@ pub struct CausalLm {
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Box<dyn Linear>,
-    rotary: Rotary,
+    positional: Positional,
     opts: LoadOptions,
 }
 
@@ -424,11 +605,7 @@ impl CausalLm {
             msg,
         };
         config.validate().map_err(bad_config)?;
-        let rope = config.rope().map_err(bad_config)?;
-        let windows = config.layer_windows().map_err(bad_config)?;
         let hidden = config.hidden_size;
-        let head_dim = config.head_dim();
-        let (n_heads, n_kv) = (config.num_attention_heads, config.n_kv_heads());
         let eps = config.rms_norm_eps;
         let root = Loader {
             ckpt,
@@ -439,66 +616,9 @@ impl CausalLm {
         let embed_tokens = model
             .pp("embed_tokens")
             .get("weight", &[config.vocab_size as i64, hidden as i64])?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for (i, window) in windows.into_iter().enumerate() {
-            let layer = model.pp("layers").pp(i);
-            let attn = layer.pp("self_attn");
-            let mlp = layer.pp("mlp");
-            let qk_norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
-                if config.has_qk_norm() {
-                    Ok(Some(attn.pp(name).rms_norm(head_dim, eps)?))
-                } else {
-                    Ok(None)
-                }
-            };
-            layers.push(DecoderLayer {
-                input_layernorm: layer.pp("input_layernorm").rms_norm(hidden, eps)?,
-                self_attn: Attention {
-                    q_proj: attn.pp("q_proj").linear(
-                        hidden,
-                        n_heads * head_dim,
-                        config.qkv_bias(),
-                    )?,
-                    k_proj: attn
-                        .pp("k_proj")
-                        .linear(hidden, n_kv * head_dim, config.qkv_bias())?,
-                    v_proj: attn
-                        .pp("v_proj")
-                        .linear(hidden, n_kv * head_dim, config.qkv_bias())?,
-                    o_proj: attn.pp("o_proj").linear(
-                        n_heads * head_dim,
-                        hidden,
-                        config.o_bias(),
-                    )?,
-                    q_norm: qk_norm("q_norm")?,
-                    k_norm: qk_norm("k_norm")?,
-                    n_heads: n_heads as i64,
-                    n_kv_heads: n_kv as i64,
-                    head_dim: head_dim as i64,
-                    window,
-                },
-                post_attention_layernorm: layer
-                    .pp("post_attention_layernorm")
-                    .rms_norm(hidden, eps)?,
-                mlp: Mlp {
-                    gate_proj: mlp.pp("gate_proj").linear(
-                        hidden,
-                        config.intermediate_size,
-                        config.mlp_bias(),
-                    )?,
-                    up_proj: mlp.pp("up_proj").linear(
-                        hidden,
-                        config.intermediate_size,
-                        config.mlp_bias(),
-                    )?,
-                    down_proj: mlp.pp("down_proj").linear(
-                        config.intermediate_size,
-                        hidden,
-                        config.mlp_bias(),
-                    )?,
-                },
-            });
-        }
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(config, ckpt, i, opts))
+            .collect::<Result<Vec<_>, _>>()?;
         let norm = model.pp("norm").rms_norm(hidden, eps)?;
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings() {
             Box::new(DenseLinear::new(embed_tokens.shallow_clone(), None))
@@ -513,9 +633,13 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
-            rotary: Rotary::new(&rope, opts.device),
+            positional: Positional::new(config, &ckpt.root().join("config.json"), opts)?,
             opts,
         })
+    }
+
+    pub fn positional(&self) -> &Positional {
+        &self.positional
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -581,33 +705,9 @@ impl CausalLm {
         }
         let ids = input_ids.to_device(self.opts.device);
         let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
-        let positions = Tensor::arange_start(past, past + s, (Kind::Int64, self.opts.device))
-            .unsqueeze(0)
-            .expand([b, s], false);
-        let cos_sin = self.rotary.cos_sin(&positions, self.opts.kind);
-        let device = self.opts.device;
-        let mut masks: Vec<(Option<usize>, Mask)> = Vec::new();
+        let ctx = self.positional.context(b, s, past);
         for (i, layer) in self.layers.iter().enumerate() {
-            let window = layer.self_attn.window;
-            if !masks.iter().any(|(w, _)| *w == window) {
-                masks.push((window, Mask::build(s, past, window, device)));
-            }
-            let mask = &masks
-                .iter()
-                .find(|(w, _)| *w == window)
-                .expect("mask built above")
-                .1;
-            let h = layer.input_layernorm.forward(&x);
-            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            let h = layer
-                .self_attn
-                .forward(&h, &self.rotary, &cos_sin, mask, layer_cache);
-            // Out of place on purpose: autograd keeps the old `x` for the norm's backward.
-            x = &x + h;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x));
-            x = &x + h;
+            x = layer.forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)));
         }
         if let Some(cache) = cache {
             cache.len = end;
