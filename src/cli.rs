@@ -24,6 +24,10 @@ pub enum Command {
     /// Describe a model directory or a .safetensors file: architecture,
     /// parameter count, dtypes and the tensor table.
     Inspect(InspectArgs),
+    /// Quantize the linear layers to 2-8 bits with GPTQ, AWQ or RTN,
+    /// calibrated on your own code, into a checkpoint that transformers,
+    /// GPTQModel and vLLM load.
+    Quantize(QuantizeArgs),
 }
 
 /// Where a model comes from and how it is run.
@@ -90,4 +94,89 @@ pub struct GenerateArgs {
 pub struct InspectArgs {
     /// A model directory, a hub id, or a .safetensors file.
     pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantMethodArg {
+    /// GPTQ (Frantar et al.): second-order error compensation.
+    Gptq,
+    /// AWQ (Lin et al.): activation-aware scaling and clipping.
+    Awq,
+    /// Round to nearest, no calibration.
+    Rtn,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Model directory or hub id (an unquantized checkpoint).
+    #[arg(long, short = 'm')]
+    pub model: String,
+
+    /// Output directory (written under a temporary name, renamed when complete).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+
+    /// Bits per weight: 2, 3, 4 or 8 (GPTQ, RTN); 4 (AWQ).
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+
+    #[arg(long, value_enum, default_value = "gptq")]
+    pub method: QuantMethodArg,
+
+    /// Input columns per scale group; -1 = one group per output row.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    pub group_size: i64,
+
+    /// Symmetric grid (zero point in the middle). Default for GPTQ and RTN.
+    #[arg(long, conflicts_with = "asym")]
+    pub sym: bool,
+
+    /// Asymmetric grid (fitted zero point). Default for AWQ.
+    #[arg(long)]
+    pub asym: bool,
+
+    /// GPTQ: quantize columns by decreasing activation (desc_act; writes g_idx).
+    #[arg(long)]
+    pub act_order: bool,
+
+    /// GPTQ: Hessian dampening, as a fraction of its mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+
+    /// Calibration text: an ingest output directory, a .jsonl file with a
+    /// `content` field, a text file, or a directory of code. Required by GPTQ and AWQ.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+
+    /// Tokens per calibration sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+
+    /// Seed for choosing the calibration windows.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Calibration sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+
+    /// AWQ: calibration tokens the scale and clipping searches look at.
+    #[arg(long, default_value_t = 8192)]
+    pub awq_tokens: usize,
+
+    /// Largest output shard, e.g. 5GB, 500MB.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }

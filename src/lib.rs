@@ -8,4 +8,5 @@ pub mod commands;
 pub mod device;
 pub mod infer;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;

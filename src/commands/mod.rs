@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod inspect;
+pub mod quantize;
 
 use crate::cli::{Cli, Command};
 
@@ -22,5 +23,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Quantize(args) => quantize::run(args),
     }
 }

@@ -11,6 +11,7 @@ use super::config::{Architecture, ModelConfig, Rope, RopeScaling};
 use super::linear::{DenseLinear, Linear};
 use super::weights::Checkpoint;
 use super::ModelError;
+use crate::quant::checkpoint::{read_linear, QuantFormat};
 
 /// Where and in which dtype the weights live.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +25,8 @@ struct Loader<'a> {
     ckpt: &'a Checkpoint,
     prefix: String,
     opts: LoadOptions,
+    /// Set for GPTQ/AWQ checkpoints: linears stored as `qweight` etc.
+    quant: Option<QuantFormat>,
 }
 
 impl<'a> Loader<'a> {
@@ -37,6 +40,7 @@ impl<'a> Loader<'a> {
             ckpt: self.ckpt,
             prefix,
             opts: self.opts,
+            quant: self.quant,
         }
     }
 
@@ -50,6 +54,25 @@ impl<'a> Loader<'a> {
     }
 
     fn linear(&self, in_f: usize, out_f: usize, bias: bool) -> Result<Box<dyn Linear>, ModelError> {
+        if self.ckpt.contains(&self.name("qweight")) {
+            let format = self.quant.ok_or_else(|| ModelError::Config {
+                path: self.ckpt.root().join("config.json"),
+                msg: format!(
+                    "`{}` is quantized, but config.json has no `quantization_config`",
+                    self.prefix
+                ),
+            })?;
+            // Dequantized once at load; the fast int4 path lives in `infer`.
+            let q = read_linear(self.ckpt, &self.prefix, format, in_f, out_f, bias)?;
+            let weight =
+                q.dequantize()
+                    .f_to_device_(self.opts.device, self.opts.kind, false, false)?;
+            let bias = match &q.bias {
+                Some(b) => Some(b.f_to_device_(self.opts.device, self.opts.kind, false, false)?),
+                None => None,
+            };
+            return Ok(Box::new(DenseLinear::new(weight, bias)));
+        }
         let (in_f, out_f) = (in_f as i64, out_f as i64);
         let weight = self.get("weight", &[out_f, in_f])?;
         let bias = if bias {
@@ -379,7 +402,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         let gate = self.gate_proj.forward(x).silu();
         self.down_proj.forward(&(gate * self.up_proj.forward(x)))
     }
@@ -431,6 +454,7 @@ impl DecoderLayer {
             ckpt,
             prefix: String::new(),
             opts,
+            quant: QuantFormat::from_config(config).map_err(bad_config)?,
         };
         let layer = root.pp("model").pp("layers").pp(index);
         let attn = layer.pp("self_attn");
@@ -611,6 +635,7 @@ impl CausalLm {
             ckpt,
             prefix: String::new(),
             opts,
+            quant: QuantFormat::from_config(config).map_err(bad_config)?,
         };
         let model = root.pp("model");
         let embed_tokens = model

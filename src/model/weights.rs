@@ -331,3 +331,167 @@ pub fn dtype_name(dtype: Dtype) -> String {
         other => format!("{other:?}").to_lowercase(),
     }
 }
+
+/// A tensor's bytes held for writing.
+pub struct OwnedTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl OwnedTensor {
+    /// Copies a libtorch tensor (any device) into little-endian bytes.
+    pub fn from_tensor(t: &Tensor) -> Result<Self, ModelError> {
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Double => Dtype::F64,
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            Kind::Int16 => Dtype::I16,
+            Kind::Int8 => Dtype::I8,
+            Kind::Uint8 => Dtype::U8,
+            Kind::Bool => Dtype::BOOL,
+            other => {
+                return Err(ModelError::Torch(tch::TchError::Kind(format!(
+                    "cannot store a {other:?} tensor in safetensors"
+                ))))
+            }
+        };
+        let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)?;
+        Ok(Self {
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data,
+        })
+    }
+}
+
+impl safetensors::View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes a checkpoint as HF does: `model.safetensors`, or shards
+/// `model-0000k-of-0000N.safetensors` plus `model.safetensors.index.json` when
+/// it exceeds `max_shard_bytes`. Tensors are buffered only up to one shard;
+/// shards get their final names in `finish`, so a directory never holds a
+/// half-written checkpoint under final names.
+pub struct ShardedWriter {
+    dir: PathBuf,
+    max_shard_bytes: u64,
+    pending: Vec<(String, OwnedTensor)>,
+    pending_bytes: u64,
+    /// Temporary file name and tensor names of each written shard.
+    shards: Vec<(PathBuf, Vec<String>)>,
+    total_bytes: u64,
+}
+
+impl ShardedWriter {
+    pub fn new(dir: &Path, max_shard_bytes: u64) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            max_shard_bytes: max_shard_bytes.max(1),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            shards: Vec::new(),
+            total_bytes: 0,
+        }
+    }
+
+    pub fn add(&mut self, name: impl Into<String>, tensor: &Tensor) -> Result<(), ModelError> {
+        let owned = OwnedTensor::from_tensor(tensor)?;
+        let bytes = owned.data.len() as u64;
+        if self.pending_bytes > 0 && self.pending_bytes + bytes > self.max_shard_bytes {
+            self.flush()?;
+        }
+        self.pending_bytes += bytes;
+        self.total_bytes += bytes;
+        self.pending.push((name.into(), owned));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ModelError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(format!(".shard-{}.tmp", self.shards.len()));
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let views: Vec<(&str, &OwnedTensor)> =
+            self.pending.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|source| {
+            ModelError::Safetensors {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let names = self.pending.drain(..).map(|(n, _)| n).collect();
+        self.shards.push((path, names));
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes the last shard, gives all shards their final names and writes
+    /// the index when there is more than one. Returns the files written.
+    pub fn finish(mut self) -> Result<Vec<PathBuf>, ModelError> {
+        self.flush()?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ModelError::Io { path, source }
+        };
+        let n = self.shards.len();
+        if n <= 1 {
+            let target = self.dir.join(SINGLE_FILE);
+            if let Some((tmp, _)) = self.shards.first() {
+                std::fs::rename(tmp, &target).map_err(io(&target))?;
+            } else {
+                let metadata =
+                    std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+                safetensors::serialize_to_file(
+                    Vec::<(&str, &OwnedTensor)>::new(),
+                    Some(metadata),
+                    &target,
+                )
+                .map_err(|source| ModelError::Safetensors {
+                    path: target.clone(),
+                    source,
+                })?;
+            }
+            return Ok(vec![target]);
+        }
+        let mut weight_map = serde_json::Map::new();
+        let mut files = Vec::with_capacity(n);
+        for (k, (tmp, names)) in self.shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
+            let target = self.dir.join(&file);
+            std::fs::rename(tmp, &target).map_err(io(&target))?;
+            for name in names {
+                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+            }
+            files.push(target);
+        }
+        let index = serde_json::json!({
+            "metadata": { "total_size": self.total_bytes },
+            "weight_map": weight_map,
+        });
+        let path = self.dir.join(INDEX_FILE);
+        let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers");
+        std::fs::write(&path, text).map_err(io(&path))?;
+        files.push(path);
+        Ok(files)
+    }
+}

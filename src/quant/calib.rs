@@ -1,0 +1,383 @@
+//! Calibration: text → token samples, and probes that record what a linear
+//! layer sees while the calibration set runs through a decoder layer.
+
+use std::sync::{Arc, Mutex};
+
+use tch::{Kind, Tensor};
+
+use super::{LayerCalibration, QuantError};
+use crate::model::decoder::DecoderLayer;
+use crate::model::linear::{DenseLinear, Linear};
+
+/// Cuts `samples` windows of `seq_len` tokens from the token stream of the
+/// documents (each ending with `eos`), at positions drawn from `seed`.
+/// Returns (samples, seq_len) int64, or `None` when there are too few tokens.
+pub fn sample_windows(
+    docs: &[Vec<u32>],
+    eos: Option<u32>,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Option<Tensor> {
+    let mut stream: Vec<i64> = Vec::new();
+    for doc in docs {
+        stream.extend(doc.iter().map(|&t| t as i64));
+        if let Some(eos) = eos {
+            stream.push(eos as i64);
+        }
+    }
+    if stream.len() < seq_len || samples == 0 {
+        return None;
+    }
+    let span = stream.len() - seq_len;
+    let mut rows = Vec::with_capacity(samples * seq_len);
+    // Non-overlapping windows when the stream is long enough, otherwise
+    // seeded random starts (SplitMix64).
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let disjoint = stream.len() / seq_len >= samples;
+    let mut starts: Vec<usize> = if disjoint {
+        // Shuffle the disjoint windows and keep `samples` of them.
+        let mut all: Vec<usize> = (0..stream.len() / seq_len).map(|k| k * seq_len).collect();
+        for i in (1..all.len()).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            all.swap(i, j);
+        }
+        all.truncate(samples);
+        all
+    } else {
+        (0..samples)
+            .map(|_| (next() % (span as u64 + 1)) as usize)
+            .collect()
+    };
+    starts.sort_unstable();
+    for s in starts {
+        rows.extend_from_slice(&stream[s..s + seq_len]);
+    }
+    Some(Tensor::from_slice(&rows).view([samples as i64, seq_len as i64]))
+}
+
+/// What a probe accumulates.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Σ xᵀx over all rows, f32 (in, in).
+    pub xtx: Option<Tensor>,
+    /// Mean |x| per input channel numerator (Σ |x|), f32 (in).
+    pub abs_sum: Option<Tensor>,
+    /// Rows seen.
+    pub rows: i64,
+    /// Kept input rows (up to the cap), f32 (rows, in).
+    pub inputs: Vec<Tensor>,
+    kept_rows: i64,
+}
+
+impl Recorded {
+    /// GPTQ's Hessian proxy `H = 2 XᵀX / n`.
+    pub fn hessian(&self) -> Option<Tensor> {
+        let n = self.rows.max(1) as f64;
+        self.xtx.as_ref().map(|s| s * (2.0 / n))
+    }
+
+    pub fn abs_mean(&self) -> Option<Tensor> {
+        let n = self.rows.max(1) as f64;
+        self.abs_sum.as_ref().map(|s| s / n)
+    }
+
+    pub fn kept_inputs(&self) -> Option<Tensor> {
+        (!self.inputs.is_empty()).then(|| Tensor::cat(&self.inputs, 0))
+    }
+}
+
+/// Which statistics to record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Want {
+    pub hessian: bool,
+    /// Keep up to this many input rows (evenly strided over the calibration set).
+    pub inputs: usize,
+}
+
+/// A linear layer that records its inputs, then computes as the wrapped one.
+#[derive(Debug)]
+struct Probe {
+    inner: DenseLinear,
+    sink: Arc<Mutex<Recorded>>,
+    want: Want,
+    /// Keep every `stride`-th row.
+    stride: i64,
+}
+
+impl Linear for Probe {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let in_f = *x.size().last().expect("linear input has a feature axis");
+        let rows = x.reshape([-1, in_f]).to_kind(Kind::Float);
+        let n = rows.size()[0];
+        // A poisoned lock only means another probe panicked; the data is
+        // still consistent for our accumulation.
+        let mut rec = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        if self.want.hessian {
+            let xtx = rows.transpose(0, 1).matmul(&rows);
+            rec.xtx = Some(match rec.xtx.take() {
+                Some(acc) => acc + xtx,
+                None => xtx,
+            });
+        }
+        let abs = rows.abs().sum_dim_intlist(0, false, Kind::Float);
+        rec.abs_sum = Some(match rec.abs_sum.take() {
+            Some(acc) => acc + abs,
+            None => abs,
+        });
+        if self.want.inputs > 0 && rec.kept_rows < self.want.inputs as i64 {
+            let picked = rows.slice(0, 0, n, self.stride);
+            let room = self.want.inputs as i64 - rec.kept_rows;
+            let picked = picked.narrow(0, 0, picked.size()[0].min(room));
+            rec.kept_rows += picked.size()[0];
+            rec.inputs.push(picked.copy());
+        }
+        rec.rows += n;
+        drop(rec);
+        self.inner.forward(x)
+    }
+    fn in_features(&self) -> i64 {
+        self.inner.in_features()
+    }
+    fn out_features(&self) -> i64 {
+        self.inner.out_features()
+    }
+    fn dense_weight(&self) -> Option<&Tensor> {
+        self.inner.dense_weight()
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+/// How far into the layer a capture must run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Depth {
+    Attention,
+    Full,
+}
+
+fn depth_for(name: &str) -> Depth {
+    if name.starts_with("self_attn.") {
+        Depth::Attention
+    } else {
+        Depth::Full
+    }
+}
+
+impl LayerCalibration<'_> {
+    /// Total calibration rows (tokens).
+    pub fn rows(&self) -> i64 {
+        self.inputs.iter().map(|x| x.size()[0] * x.size()[1]).sum()
+    }
+
+    /// Runs the calibration set through `layer` with probes on the linears
+    /// `names` and returns what each recorded. Attention-only captures stop
+    /// after the attention block.
+    pub fn capture(
+        &self,
+        layer: &mut DecoderLayer,
+        names: &[&str],
+        want: Want,
+    ) -> Result<Vec<Recorded>, QuantError> {
+        let total = self.rows().max(1);
+        let stride = if want.inputs > 0 {
+            (total / want.inputs as i64).max(1)
+        } else {
+            1
+        };
+        let sinks: Vec<Arc<Mutex<Recorded>>> = names.iter().map(|_| Arc::default()).collect();
+        let mut originals: Vec<(&'static str, Box<dyn Linear>)> = Vec::new();
+        for (name, slot) in layer.linears_mut() {
+            if let Some(k) = names.iter().position(|n| *n == name) {
+                let weight = slot.dense_weight().ok_or_else(|| QuantError::NonFinite {
+                    what: "a non-dense weight",
+                    layer: format!("{}.{name}", self.layer_name),
+                })?;
+                let probe = Probe {
+                    inner: DenseLinear::new(
+                        weight.shallow_clone(),
+                        slot.bias().map(Tensor::shallow_clone),
+                    ),
+                    sink: sinks[k].clone(),
+                    want,
+                    stride,
+                };
+                originals.push((name, std::mem::replace(slot, Box::new(probe))));
+            }
+        }
+        let depth = names
+            .iter()
+            .map(|n| depth_for(n))
+            .max()
+            .unwrap_or(Depth::Full);
+        tch::no_grad(|| {
+            for x in self.inputs {
+                match depth {
+                    Depth::Attention => {
+                        let _ = layer.attention_block(x, self.ctx);
+                    }
+                    Depth::Full => {
+                        let _ = layer.forward(x, self.ctx, None);
+                    }
+                }
+            }
+        });
+        for (name, slot) in layer.linears_mut() {
+            if let Some(k) = originals.iter().position(|(n, _)| *n == name) {
+                *slot = originals.swap_remove(k).1;
+            }
+        }
+        Ok(sinks
+            .into_iter()
+            .map(|s| match Arc::try_unwrap(s) {
+                Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+                Err(shared) => {
+                    std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()))
+                }
+            })
+            .collect())
+    }
+
+    /// Runs the layer over the calibration set: the next layer's inputs.
+    pub fn outputs(&self, layer: &DecoderLayer) -> Vec<Tensor> {
+        tch::no_grad(|| {
+            self.inputs
+                .iter()
+                .map(|x| layer.forward(x, self.ctx, None))
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_deterministic_and_in_range() {
+        let docs: Vec<Vec<u32>> = (0..10)
+            .map(|d| (0..100).map(|t| d * 1000 + t).collect())
+            .collect();
+        let a = sample_windows(&docs, Some(7), 4, 50, 1).unwrap();
+        let b = sample_windows(&docs, Some(7), 4, 50, 1).unwrap();
+        assert!(a.equal(&b));
+        assert_eq!(a.size(), vec![4, 50]);
+        let c = sample_windows(&docs, Some(7), 4, 50, 2).unwrap();
+        assert!(!a.equal(&c), "seed changes the sample");
+        assert!(sample_windows(&docs, None, 4, 5000, 1).is_none());
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    #[error("reading calibration data {}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: line {line}: {msg}", path.display())]
+    Jsonl {
+        path: std::path::PathBuf,
+        line: usize,
+        msg: String,
+    },
+    #[error("{}: no calibration text found (expected text files, .jsonl with a `content` or `text` field, or an ingest output directory)", path.display())]
+    Empty { path: std::path::PathBuf },
+}
+
+/// Calibration documents from a path: a `.jsonl` file (`content` or `text`
+/// field per line), any other text file (one document), or a directory
+/// (every UTF-8 file under it, sorted, hidden entries skipped), up to
+/// `max_bytes` of text.
+pub fn read_texts(path: &std::path::Path, max_bytes: usize) -> Result<Vec<String>, CalibError> {
+    let mut docs = Vec::new();
+    let mut budget = max_bytes;
+    collect(path, &mut docs, &mut budget)?;
+    if docs.is_empty() {
+        return Err(CalibError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(docs)
+}
+
+fn collect(
+    path: &std::path::Path,
+    docs: &mut Vec<String>,
+    budget: &mut usize,
+) -> Result<(), CalibError> {
+    let io = |source| CalibError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if *budget == 0 {
+        return Ok(());
+    }
+    if path.is_dir() {
+        let mut entries: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        entries.sort();
+        for entry in entries {
+            collect(&entry, docs, budget)?;
+        }
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        let text = String::from_utf8_lossy(&bytes);
+        for (k, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let bad = |msg: String| CalibError::Jsonl {
+                path: path.to_path_buf(),
+                line: k + 1,
+                msg,
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+            let doc = v
+                .get("content")
+                .or_else(|| v.get("text"))
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| bad("no string field `content` or `text`".into()))?;
+            push(docs, budget, doc.to_string());
+        }
+    } else if let Ok(text) = String::from_utf8(bytes) {
+        // Binary files are not calibration text; skip them silently.
+        if !text.contains('\0') {
+            push(docs, budget, text);
+        }
+    }
+    Ok(())
+}
+
+fn push(docs: &mut Vec<String>, budget: &mut usize, mut doc: String) {
+    if *budget == 0 || doc.is_empty() {
+        return;
+    }
+    if doc.len() > *budget {
+        let mut cut = *budget;
+        while !doc.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        doc.truncate(cut);
+    }
+    *budget -= doc.len();
+    docs.push(doc);
+}

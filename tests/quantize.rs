@@ -1,0 +1,287 @@
+//! `qcoder quantize` end to end on a tiny model: every method and bit width
+//! writes a checkpoint whose integers an independent Python unpacker (the
+//! AutoGPTQ / AutoAWQ conventions, scripts/check/dequantize.py) turns into
+//! exactly the weights qcoder reads back; the checkpoints load for
+//! generation; bad input exits 2 with a message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use qcoder::model::weights::ShardedWriter;
+use qcoder::model::{read_config, Checkpoint};
+use qcoder::quant::checkpoint::{read_linear, QuantFormat};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures/models").join(name)
+}
+
+/// Calibration text: a slice of the Python standard library on this machine.
+fn calib_dir() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
+        ])
+        .output()
+        .expect("python3");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("json")
+}
+
+fn qcoder(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qcoder"))
+        .args(args)
+        .output()
+        .expect("running qcoder")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn quantize(model: &str, out: &Path, extra: &[&str]) -> Output {
+    let calib = calib_dir();
+    let mut args = vec![
+        "quantize",
+        "--model",
+        model,
+        "--calib",
+        calib.to_str().unwrap(),
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    qcoder(&args)
+}
+
+/// Writes every linear as qcoder dequantizes it, for the Python check.
+fn dump_dequantized(dir: &Path, out: &Path) {
+    let config = read_config(dir).unwrap();
+    let format = QuantFormat::from_config(&config).unwrap().unwrap();
+    let ckpt = Checkpoint::open_dir(dir).unwrap();
+    let h = config.hidden_size;
+    let attn = config.num_attention_heads * config.head_dim();
+    let kv = config.n_kv_heads() * config.head_dim();
+    let f = config.intermediate_size;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut writer = ShardedWriter::new(tmp.path(), u64::MAX);
+    for i in 0..config.num_hidden_layers {
+        for (name, in_f, out_f) in [
+            ("self_attn.q_proj", h, attn),
+            ("self_attn.k_proj", h, kv),
+            ("self_attn.v_proj", h, kv),
+            ("self_attn.o_proj", attn, h),
+            ("mlp.gate_proj", h, f),
+            ("mlp.up_proj", h, f),
+            ("mlp.down_proj", f, h),
+        ] {
+            let prefix = format!("model.layers.{i}.{name}");
+            let q = read_linear(&ckpt, &prefix, format, in_f, out_f, false).unwrap();
+            writer
+                .add(format!("{prefix}.weight"), &q.dequantize())
+                .unwrap();
+        }
+    }
+    let files = writer.finish().unwrap();
+    std::fs::copy(&files[0], out).unwrap();
+}
+
+fn python_agrees(dir: &Path) {
+    let ours = dir.with_extension("deq.safetensors");
+    dump_dequantized(dir, &ours);
+    let out = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/check/dequantize.py"))
+        .arg(dir)
+        .arg(&ours)
+        .output()
+        .expect("the project venv (scripts/setup --test)");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn every_method_and_width_matches_the_reference_unpacking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen2");
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "gptq4-g32-act",
+            &[
+                "--method",
+                "gptq",
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--act-order",
+            ],
+        ),
+        (
+            "gptq3-g32-asym",
+            &[
+                "--method",
+                "gptq",
+                "--bits",
+                "3",
+                "--group-size",
+                "32",
+                "--asym",
+            ],
+        ),
+        (
+            "gptq2-rowwise",
+            &["--method", "gptq", "--bits", "2", "--group-size", "-1"],
+        ),
+        (
+            "rtn8-g64",
+            &["--method", "rtn", "--bits", "8", "--group-size", "64"],
+        ),
+        (
+            "awq4-g32",
+            &["--method", "awq", "--bits", "4", "--group-size", "32"],
+        ),
+    ];
+    for (name, args) in cases {
+        let out_dir = tmp.path().join(name);
+        let out = quantize(model.to_str().unwrap(), &out_dir, args);
+        assert!(out.status.success(), "{name}: {}", show(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("rel. output error"),
+            "{name}: no error table\n{stdout}"
+        );
+        python_agrees(&out_dir);
+        // The checkpoint loads and generates.
+        let gen = qcoder(&[
+            "generate",
+            "-m",
+            out_dir.to_str().unwrap(),
+            "-p",
+            "def f(x):",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--device",
+            "cpu",
+        ]);
+        assert!(gen.status.success(), "{name}: {}", show(&gen));
+    }
+}
+
+#[test]
+fn calibrated_gptq_beats_rtn_at_three_bits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen2");
+    let mean_error = |args: &[&str], name: &str| -> f64 {
+        let out = quantize(model.to_str().unwrap(), &tmp.path().join(name), args);
+        assert!(out.status.success(), "{}", show(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("mean rel. error"))
+            .expect("summary line");
+        line.split("mean rel. error ")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .and_then(|s| s.parse().ok())
+            .expect("a number")
+    };
+    let gptq = mean_error(
+        &["--method", "gptq", "--bits", "3", "--group-size", "32"],
+        "gptq",
+    );
+    let rtn = mean_error(
+        &["--method", "rtn", "--bits", "3", "--group-size", "32"],
+        "rtn",
+    );
+    println!("3-bit mean relative layer error: gptq {gptq:.3e}, rtn {rtn:.3e}");
+    assert!(gptq < rtn, "gptq {gptq} not below rtn {rtn}");
+}
+
+fn assert_error(out: &Output, needles: &[&str]) {
+    let text = show(out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{text}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks {n:?}: {text}");
+    }
+}
+
+#[test]
+fn bad_quantize_input_is_refused_before_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen2");
+    let m = model.to_str().unwrap();
+    let out = tmp.path().join("out");
+    // 48 does not divide the 64-wide attention nor the 128-wide MLP input.
+    assert_error(
+        &quantize(m, &out, &["--group-size", "48"]),
+        &["--group-size 48", "64 inputs", "32, 64"],
+    );
+    assert_error(
+        &quantize(
+            m,
+            &out,
+            &["--method", "awq", "--bits", "3", "--group-size", "32"],
+        ),
+        &["awq does not support 3-bit"],
+    );
+    // Too little calibration text for one window.
+    let small = tmp.path().join("small.txt");
+    std::fs::write(&small, "x = 1\n").unwrap();
+    let o = qcoder(&[
+        "quantize",
+        "-m",
+        m,
+        "--calib",
+        small.to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--group-size",
+        "32",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_error(&o, &["too few calibration tokens", "small.txt"]);
+    // GPTQ without calibration data.
+    let o = qcoder(&[
+        "quantize",
+        "-m",
+        m,
+        "--group-size",
+        "32",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_error(&o, &["needs calibration text", "--calib"]);
+    assert!(!out.exists(), "nothing written on refusal");
+    // An already quantized model.
+    let q = tmp.path().join("q");
+    assert!(quantize(m, &q, &["--method", "rtn", "--group-size", "32"])
+        .status
+        .success());
+    assert_error(
+        &quantize(q.to_str().unwrap(), &out, &["--group-size", "32"]),
+        &["already quantized"],
+    );
+    // An existing output.
+    assert_error(
+        &quantize(m, &q, &["--method", "rtn", "--group-size", "32"]),
+        &["exists", "--overwrite"],
+    );
+}
