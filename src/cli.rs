@@ -28,6 +28,9 @@ pub enum Command {
     /// calibrated on your own code, into a checkpoint that transformers,
     /// GPTQModel and vLLM load.
     Quantize(QuantizeArgs),
+    /// Evaluate one or more models on held-out code side by side (perplexity),
+    /// write report.json and report.md, and exit 1 when a --gate fails.
+    Eval(EvalArgs),
 }
 
 /// Where a model comes from and how it is run.
@@ -179,4 +182,49 @@ pub struct QuantizeArgs {
     /// auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A model to evaluate: DIR, hub id, or NAME=DIR. Repeat to compare; the
+    /// first is the base that gates compare against.
+    #[arg(long = "model", short = 'm', required = true)]
+    pub models: Vec<String>,
+
+    /// Held-out code: a .jsonl file with a `content` field, a text file, or a
+    /// directory of code.
+    #[arg(long)]
+    pub data: PathBuf,
+
+    /// Comma-separated tasks: ppl.
+    #[arg(long, default_value = "ppl", value_delimiter = ',')]
+    pub tasks: Vec<String>,
+
+    /// At most N documents per task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+
+    /// Perplexity: tokens per window.
+    #[arg(long, default_value_t = 1024)]
+    pub window: usize,
+
+    /// Perplexity: tokens the window advances by.
+    #[arg(long, default_value_t = 512)]
+    pub stride: usize,
+
+    /// Quality gate such as 'ppl<=1.05*base' (repeatable); any failure exits 1.
+    #[arg(long)]
+    pub gate: Vec<String>,
+
+    /// Report directory (report.json, report.md).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Compute dtype: f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
 }

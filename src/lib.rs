@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod commands;
 pub mod device;
+pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod quant;

@@ -1,6 +1,7 @@
 //! One module per command: orchestration only; the numerics live in the
 //! library modules.
 
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;
@@ -24,5 +25,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

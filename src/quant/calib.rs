@@ -289,7 +289,7 @@ pub enum CalibError {
         line: usize,
         msg: String,
     },
-    #[error("{}: no calibration text found (expected text files, .jsonl with a `content` or `text` field, or an ingest output directory)", path.display())]
+    #[error("{}: no text found (expected text files, .jsonl with a `content` or `text` field, or an ingest output directory)", path.display())]
     Empty { path: std::path::PathBuf },
 }
 

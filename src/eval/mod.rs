@@ -1,0 +1,4 @@
+//! Evaluation of models on held-out code.
+
+pub mod gate;
+pub mod ppl;
