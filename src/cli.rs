@@ -167,6 +167,11 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
 
+    /// Also write the calibration windows used (JSON: a list of token-id lists),
+    /// to reproduce the run or feed the same data to another tool.
+    #[arg(long)]
+    pub save_calibration: Option<PathBuf>,
+
     /// AWQ: calibration tokens the scale and clipping searches look at.
     #[arg(long, default_value_t = 8192)]
     pub awq_tokens: usize,

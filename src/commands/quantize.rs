@@ -115,6 +115,12 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
                     path.display()
                 );
             }
+            if let Some(path) = &args.save_calibration {
+                let rows: Vec<Vec<i64>> =
+                    Vec::<Vec<i64>>::try_from(&windows).context("calibration windows")?;
+                std::fs::write(path, serde_json::to_string(&rows)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             Some(windows)
         }
     };
