@@ -328,6 +328,17 @@ impl Attention {
         mask: &Mask,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
+        self.o_proj.forward(&self.attend(x, cos_sin, mask, cache))
+    }
+
+    /// Attention up to (not including) `o_proj`: (batch, seq, heads * head_dim).
+    fn attend(
+        &self,
+        x: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor {
         let (b, s, _) = x.size3().expect("decoder input is (batch, seq, hidden)");
         let heads = |t: Tensor, n: i64, norm: &Option<RmsNorm>| {
             let t = t.view([b, s, n, self.head_dim]);
@@ -361,10 +372,8 @@ impl Attention {
             let (k, v) = (repeat_kv(&k, n_rep), repeat_kv(&v, n_rep));
             sdpa(&q, &k, &v, mask, scale, true)
         };
-        let out = out
-            .transpose(1, 2)
-            .reshape([b, s, self.n_heads * self.head_dim]);
-        self.o_proj.forward(&out)
+        out.transpose(1, 2)
+            .reshape([b, s, self.n_heads * self.head_dim])
     }
 }
 
@@ -403,8 +412,38 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = self.gate_proj.forward(x).silu();
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+        self.down_proj.forward(&self.hidden(x))
+    }
+
+    /// `silu(gate(x)) * up(x)`: the input of `down_proj`.
+    pub fn hidden(&self, x: &Tensor) -> Tensor {
+        self.gate_proj.forward(x).silu() * self.up_proj.forward(x)
+    }
+}
+
+/// The four distinct inputs the linears of a layer read, in forward order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LinearInput {
+    /// input_layernorm(x): q_proj, k_proj, v_proj.
+    Qkv,
+    /// The attention output before o_proj.
+    O,
+    /// post_attention_layernorm(x + attn): gate_proj, up_proj.
+    GateUp,
+    /// silu(gate) * up: down_proj.
+    Down,
+}
+
+impl LinearInput {
+    /// Which input a linear (named as in `LAYER_LINEARS`) reads.
+    pub fn of(name: &str) -> Option<Self> {
+        Some(match name {
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => Self::Qkv,
+            "self_attn.o_proj" => Self::O,
+            "mlp.gate_proj" | "mlp.up_proj" => Self::GateUp,
+            "mlp.down_proj" => Self::Down,
+            _ => return None,
+        })
     }
 }
 
@@ -520,6 +559,38 @@ impl DecoderLayer {
         let h = self.input_layernorm.forward(x);
         self.self_attn
             .forward(&h, &ctx.cos_sin, ctx.mask(self.self_attn.window), None)
+    }
+
+    /// The inputs of the linears for residual input `x`, computed only as far
+    /// as the deepest one asked for; returned in the order of `wanted`.
+    pub fn linear_inputs(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        wanted: &[LinearInput],
+    ) -> Vec<Tensor> {
+        let deepest = wanted.iter().copied().max().unwrap_or(LinearInput::Qkv);
+        let norm1 = self.input_layernorm.forward(x);
+        let mut stages = vec![norm1.shallow_clone()];
+        if deepest >= LinearInput::O {
+            let attended =
+                self.self_attn
+                    .attend(&norm1, &ctx.cos_sin, ctx.mask(self.self_attn.window), None);
+            stages.push(attended.shallow_clone());
+            if deepest >= LinearInput::GateUp {
+                let h = self
+                    .post_attention_layernorm
+                    .forward(&(x + self.self_attn.o_proj.forward(&attended)));
+                stages.push(h.shallow_clone());
+                if deepest >= LinearInput::Down {
+                    stages.push(self.mlp.hidden(&h));
+                }
+            }
+        }
+        wanted
+            .iter()
+            .map(|w| stages[*w as usize].shallow_clone())
+            .collect()
     }
 
     /// The seven linears, named as in `LAYER_LINEARS`.

@@ -1,13 +1,10 @@
-//! Calibration: text → token samples, and probes that record what a linear
-//! layer sees while the calibration set runs through a decoder layer.
-
-use std::sync::{Arc, Mutex};
+//! Calibration: text → token samples, and the statistics of what each linear
+//! layer reads while the calibration set runs through a decoder layer.
 
 use tch::{Kind, Tensor};
 
 use super::{LayerCalibration, QuantError};
-use crate::model::decoder::DecoderLayer;
-use crate::model::linear::{DenseLinear, Linear};
+use crate::model::decoder::{DecoderLayer, LinearInput};
 
 /// Cuts `samples` windows of `seq_len` tokens from the token stream of the
 /// documents (each ending with `eos`), at positions drawn from `seed`.
@@ -102,73 +99,32 @@ pub struct Want {
     pub inputs: usize,
 }
 
-/// A linear layer that records its inputs, then computes as the wrapped one.
-#[derive(Debug)]
-struct Probe {
-    inner: DenseLinear,
-    sink: Arc<Mutex<Recorded>>,
-    want: Want,
-    /// Keep every `stride`-th row.
-    stride: i64,
-}
-
-impl Linear for Probe {
-    fn forward(&self, x: &Tensor) -> Tensor {
+impl Recorded {
+    /// Adds the rows of `x` (..., in).
+    fn record(&mut self, x: &Tensor, want: Want, stride: i64) {
         let in_f = *x.size().last().expect("linear input has a feature axis");
         let rows = x.reshape([-1, in_f]).to_kind(Kind::Float);
         let n = rows.size()[0];
-        // A poisoned lock only means another probe panicked; the data is
-        // still consistent for our accumulation.
-        let mut rec = self.sink.lock().unwrap_or_else(|e| e.into_inner());
-        if self.want.hessian {
+        if want.hessian {
             let xtx = rows.transpose(0, 1).matmul(&rows);
-            rec.xtx = Some(match rec.xtx.take() {
+            self.xtx = Some(match self.xtx.take() {
                 Some(acc) => acc + xtx,
                 None => xtx,
             });
         }
         let abs = rows.abs().sum_dim_intlist(0, false, Kind::Float);
-        rec.abs_sum = Some(match rec.abs_sum.take() {
+        self.abs_sum = Some(match self.abs_sum.take() {
             Some(acc) => acc + abs,
             None => abs,
         });
-        if self.want.inputs > 0 && rec.kept_rows < self.want.inputs as i64 {
-            let picked = rows.slice(0, 0, n, self.stride);
-            let room = self.want.inputs as i64 - rec.kept_rows;
+        if want.inputs > 0 && self.kept_rows < want.inputs as i64 {
+            let picked = rows.slice(0, 0, n, stride);
+            let room = want.inputs as i64 - self.kept_rows;
             let picked = picked.narrow(0, 0, picked.size()[0].min(room));
-            rec.kept_rows += picked.size()[0];
-            rec.inputs.push(picked.copy());
+            self.kept_rows += picked.size()[0];
+            self.inputs.push(picked.copy());
         }
-        rec.rows += n;
-        drop(rec);
-        self.inner.forward(x)
-    }
-    fn in_features(&self) -> i64 {
-        self.inner.in_features()
-    }
-    fn out_features(&self) -> i64 {
-        self.inner.out_features()
-    }
-    fn dense_weight(&self) -> Option<&Tensor> {
-        self.inner.dense_weight()
-    }
-    fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
-    }
-}
-
-/// How far into the layer a capture must run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Depth {
-    Attention,
-    Full,
-}
-
-fn depth_for(name: &str) -> Depth {
-    if name.starts_with("self_attn.") {
-        Depth::Attention
-    } else {
-        Depth::Full
+        self.rows += n;
     }
 }
 
@@ -178,72 +134,41 @@ impl LayerCalibration<'_> {
         self.inputs.iter().map(|x| x.size()[0] * x.size()[1]).sum()
     }
 
-    /// Runs the calibration set through `layer` with probes on the linears
-    /// `names` and returns what each recorded. Attention-only captures stop
-    /// after the attention block.
+    /// Runs the calibration set through `layer` as far as the inputs of the
+    /// linears `names` (as in `LAYER_LINEARS`) and records them.
     pub fn capture(
         &self,
-        layer: &mut DecoderLayer,
+        layer: &DecoderLayer,
         names: &[&str],
         want: Want,
     ) -> Result<Vec<Recorded>, QuantError> {
+        let wanted = names
+            .iter()
+            .map(|n| {
+                LinearInput::of(n).ok_or_else(|| QuantError::NonFinite {
+                    what: "an unknown linear name",
+                    layer: format!("{}.{n}", self.layer_name),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let total = self.rows().max(1);
         let stride = if want.inputs > 0 {
             (total / want.inputs as i64).max(1)
         } else {
             1
         };
-        let sinks: Vec<Arc<Mutex<Recorded>>> = names.iter().map(|_| Arc::default()).collect();
-        let mut originals: Vec<(&'static str, Box<dyn Linear>)> = Vec::new();
-        for (name, slot) in layer.linears_mut() {
-            if let Some(k) = names.iter().position(|n| *n == name) {
-                let weight = slot.dense_weight().ok_or_else(|| QuantError::NonFinite {
-                    what: "a non-dense weight",
-                    layer: format!("{}.{name}", self.layer_name),
-                })?;
-                let probe = Probe {
-                    inner: DenseLinear::new(
-                        weight.shallow_clone(),
-                        slot.bias().map(Tensor::shallow_clone),
-                    ),
-                    sink: sinks[k].clone(),
-                    want,
-                    stride,
-                };
-                originals.push((name, std::mem::replace(slot, Box::new(probe))));
-            }
-        }
-        let depth = names
-            .iter()
-            .map(|n| depth_for(n))
-            .max()
-            .unwrap_or(Depth::Full);
+        let mut recorded: Vec<Recorded> = names.iter().map(|_| Recorded::default()).collect();
         tch::no_grad(|| {
             for x in self.inputs {
-                match depth {
-                    Depth::Attention => {
-                        let _ = layer.attention_block(x, self.ctx);
-                    }
-                    Depth::Full => {
-                        let _ = layer.forward(x, self.ctx, None);
-                    }
+                for (rec, input) in recorded
+                    .iter_mut()
+                    .zip(layer.linear_inputs(x, self.ctx, &wanted))
+                {
+                    rec.record(&input, want, stride);
                 }
             }
         });
-        for (name, slot) in layer.linears_mut() {
-            if let Some(k) = originals.iter().position(|(n, _)| *n == name) {
-                *slot = originals.swap_remove(k).1;
-            }
-        }
-        Ok(sinks
-            .into_iter()
-            .map(|s| match Arc::try_unwrap(s) {
-                Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
-                Err(shared) => {
-                    std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()))
-                }
-            })
-            .collect())
+        Ok(recorded)
     }
 
     /// Runs the layer over the calibration set: the next layer's inputs.

@@ -8,7 +8,8 @@
 //! (one Hessian, one pass over the rows of all three), then o_proj on the
 //! outputs of the quantized attention, then gate/up, then down_proj.
 
-use tch::{Kind, Tensor};
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
 
 use super::calib::Want;
 use super::{
@@ -25,6 +26,8 @@ pub const SEQUENTIAL_GROUPS: &[&[&str]] = &[
 ];
 
 const BLOCK: i64 = 128;
+/// Rows per rayon task in the column loop.
+const CHUNK: usize = 1024;
 /// Extra dampening tried, in fractions of the mean diagonal, when Cholesky fails.
 const DAMP_STEP: f64 = 0.01;
 const DAMP_RETRIES: usize = 20;
@@ -113,7 +116,7 @@ pub fn quantize_matrix(
     let group = spec.group_for(cols as usize) as i64;
     let grid = spec.grid();
     let mut w = w.to_kind(Kind::Float).copy();
-    let mut h = h.to_kind(Kind::Double).copy();
+    let mut h = h.to_kind(Kind::Float).copy();
     if w.isfinite().logical_not().any().int64_value(&[]) != 0 {
         return Err(QuantError::NonFinite {
             what: "the weights",
@@ -139,47 +142,87 @@ pub fn quantize_matrix(
         h = h.index_select(0, perm).index_select(1, perm);
     }
 
-    let hinv = upper_cholesky_of_inverse(&h, spec.damp, label)?.to_kind(Kind::Float);
+    let hinv = upper_cholesky_of_inverse(&h, spec.damp, label)?;
 
     let q_ints = Tensor::zeros([rows, cols], (Kind::Float, device));
     let mut scales: Vec<Tensor> = Vec::new();
     let mut zeros: Vec<Tensor> = Vec::new();
-    let (mut scale, mut zero) = (Tensor::new(), Tensor::new());
+    let mut current: (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
     if spec.group_size.is_none() {
         let (s, z) = grid.params(&w);
-        scales.push(s.shallow_clone());
-        zeros.push(z.shallow_clone());
-        (scale, zero) = (s, z);
+        current = (to_vec(&s), to_vec(&z));
+        scales.push(s);
+        zeros.push(z);
     }
+    let maxq = grid.maxq() as f32;
     let mut i1 = 0;
     while i1 < cols {
         let i2 = (i1 + BLOCK).min(cols);
         let count = i2 - i1;
-        let w1 = w.narrow(1, i1, count).copy();
-        let err1 = Tensor::zeros([rows, count], (Kind::Float, device));
-        let hinv1 = hinv.narrow(0, i1, count).narrow(1, i1, count);
-        for i in 0..count {
-            let col = i1 + i;
-            if spec.group_size.is_some() && col % group == 0 {
-                // As the reference: the grid is fitted on W, which holds this
-                // block's columns as they were before the block started.
+        // As the reference, a group's grid is fitted on W as it was before
+        // this block started; fit every group that starts in the block now.
+        let mut starts: Vec<(usize, Vec<f32>, Vec<f32>)> = Vec::new();
+        if spec.group_size.is_some() {
+            let mut col = i1 + (group - i1 % group) % group;
+            while col < i2 {
                 let (s, z) = grid.params(&w.narrow(1, col, group.min(cols - col)));
-                scales.push(s.shallow_clone());
-                zeros.push(z.shallow_clone());
-                (scale, zero) = (s, z);
+                starts.push(((col - i1) as usize, to_vec(&s), to_vec(&z)));
+                scales.push(s);
+                zeros.push(z);
+                col += group;
             }
-            let wc = w1.narrow(1, i, 1); // (rows, 1)
-            let q = grid.quantize(&wc, &scale, &zero);
-            let dq = super::Grid::dequantize(&q, &scale, &zero);
-            q_ints.narrow(1, col, 1).copy_(&q);
-            let d = hinv1.double_value(&[i, i]);
-            let err = (&wc - &dq) / d;
-            let tail = count - i;
-            let update = err.matmul(&hinv1.narrow(0, i, 1).narrow(1, i, tail));
-            let _ = w1.narrow(1, i, tail).g_sub_(&update);
-            err1.narrow(1, i, 1).copy_(&err);
         }
+        // The block transposed, so each column is a contiguous row: (count, rows).
+        let mut block = to_vec(&w.narrow(1, i1, count).transpose(0, 1));
+        let hinv1 = to_vec(&hinv.narrow(0, i1, count).narrow(1, i1, count));
+        let mut ints = vec![0f32; block.len()];
+        let mut errs = vec![0f32; block.len()];
+        let (n, r) = (count as usize, rows as usize);
+        for i in 0..n {
+            if let Some((_, s, z)) = starts.iter().find(|(at, _, _)| *at == i) {
+                current = (s.clone(), z.clone());
+            }
+            let (scale, zero) = (&current.0, &current.1);
+            let d = hinv1[i * n + i];
+            let (done, rest) = block.split_at_mut((i + 1) * r);
+            let column = &done[i * r..];
+            let q_row = &mut ints[i * r..(i + 1) * r];
+            let err = &mut errs[i * r..(i + 1) * r];
+            q_row
+                .par_chunks_mut(CHUNK)
+                .zip(err.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(c, (q_chunk, e_chunk))| {
+                    let base = c * CHUNK;
+                    for k in 0..q_chunk.len() {
+                        let x = column[base + k];
+                        let (sc, zp) = (scale[base + k], zero[base + k]);
+                        // clamp(round(w / s) + z, 0, maxq), ties to even as torch.round
+                        let q = ((x / sc).round_ties_even() + zp).clamp(0.0, maxq);
+                        q_chunk[k] = q;
+                        e_chunk[k] = (x - sc * (q - zp)) / d;
+                    }
+                });
+            // Later columns of the block absorb this column's error.
+            let err: &[f32] = err;
+            rest.par_chunks_mut(r).enumerate().for_each(|(k, later)| {
+                let h = hinv1[i * n + i + 1 + k];
+                if h != 0.0 {
+                    for (x, e) in later.iter_mut().zip(err) {
+                        *x -= e * h;
+                    }
+                }
+            });
+        }
+        let from = |v: Vec<f32>| {
+            Tensor::from_slice(&v)
+                .view([count, rows])
+                .transpose(0, 1)
+                .to_device(device)
+        };
+        q_ints.narrow(1, i1, count).copy_(&from(ints));
         if i2 < cols {
+            let err1 = from(errs);
             let update = err1.matmul(&hinv.narrow(0, i1, count).narrow(1, i2, cols - i2));
             let _ = w.narrow(1, i2, cols - i2).g_sub_(&update);
         }
@@ -212,21 +255,38 @@ pub fn quantize_matrix(
     })
 }
 
-/// The upper Cholesky factor of (H + λI)⁻¹, computed in f64. λ starts at
-/// `damp` × mean(diag H) and grows by 0.01 × mean(diag H) while the
-/// factorisation fails.
+/// A tensor's values as f32 on the host (row-major).
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    let t = t
+        .to_kind(Kind::Float)
+        .to_device(Device::Cpu)
+        .contiguous()
+        .view(-1);
+    Vec::<f32>::try_from(&t).expect("an f32 CPU tensor converts to a Vec")
+}
+
+/// The upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU), in f32
+/// as the reference. λ starts at `damp` × mean(diag H) and grows by 0.01 ×
+/// mean(diag H) while the factorisation fails.
+///
+/// Computed without forming the inverse: with J the exchange matrix and
+/// J H J = L′L′ᵀ, R = J L′ J is upper triangular with H = R Rᵀ, hence
+/// H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹. One Cholesky and one triangular solve, instead
+/// of the reference's Cholesky, `cholesky_inverse` and second Cholesky (the
+/// same U to rounding; LAPACK's potri is also very slow on CPU).
 fn upper_cholesky_of_inverse(h: &Tensor, damp: f64, label: &str) -> Result<Tensor, QuantError> {
     let n = h.size()[0];
+    let h = h.to_kind(Kind::Float);
     let mean_diag = h.diagonal(0, 0, 1).mean(Kind::Double).double_value(&[]);
-    let eye = Tensor::eye(n, (Kind::Double, h.device()));
+    let eye = Tensor::eye(n, (Kind::Float, h.device()));
     let mut frac = damp;
     for _ in 0..=DAMP_RETRIES {
-        let damped = h + &eye * (frac * mean_diag);
-        let (l, info) = damped.linalg_cholesky_ex(false, false);
+        let damped = &h + &eye * (frac * mean_diag);
+        let (l_flipped, info) = damped.flip([0, 1]).linalg_cholesky_ex(false, false);
         if info.int64_value(&[]) == 0 {
-            let inverse = l.cholesky_inverse(false);
-            let (u, info) = inverse.linalg_cholesky_ex(true, false);
-            if info.int64_value(&[]) == 0 {
+            let r = l_flipped.flip([0, 1]);
+            let u = r.linalg_solve_triangular(&eye, true, true, false);
+            if u.isfinite().all().int64_value(&[]) != 0 {
                 return Ok(u);
             }
         }
@@ -318,6 +378,26 @@ mod tests {
         // The most active column is in group 0.
         let top = h.diagonal(0, 0, 1).argmax(0, false).int64_value(&[]);
         assert_eq!(q.g_idx.int64_value(&[top]), 0);
+    }
+
+    /// The flip-and-solve factor equals the reference's
+    /// cholesky(cholesky_inverse(cholesky(H)), upper=True).
+    #[test]
+    fn inverse_factor_matches_the_reference_composition() {
+        let x = correlated_inputs(256, 48).to_kind(Kind::Double);
+        let h = x.transpose(0, 1).matmul(&x) / 256.0;
+        let lambda = 0.01 * h.diagonal(0, 0, 1).mean(Kind::Double).double_value(&[]);
+        let damped = &h + Tensor::eye(48, (Kind::Double, Device::Cpu)) * lambda;
+        let reference = damped
+            .linalg_cholesky(false)
+            .cholesky_inverse(false)
+            .linalg_cholesky(true);
+        let ours = upper_cholesky_of_inverse(&h, 0.01, "t")
+            .unwrap()
+            .to_kind(Kind::Double);
+        let rel = (&ours - &reference).abs().max().double_value(&[])
+            / reference.abs().max().double_value(&[]);
+        assert!(rel < 1e-4, "relative difference {rel}");
     }
 
     #[test]

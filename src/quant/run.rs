@@ -264,9 +264,19 @@ pub fn run(
         if job.calibration.is_some() {
             inputs = calib.outputs(&layer);
         }
+        let seconds = t0.elapsed().as_secs_f64();
+        if layers_bar.is_hidden() {
+            // No terminal (a batch job's log): one line per layer instead of a bar.
+            eprintln!(
+                "{} {}/{}: {seconds:.1} s, rel. output error {rel_error:.3e}",
+                name,
+                i + 1,
+                config.num_hidden_layers
+            );
+        }
         reports.push(LayerReport {
             index: i,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
             rel_error,
         });
         layers_bar.inc(1);
