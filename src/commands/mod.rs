@@ -2,6 +2,7 @@
 //! library modules.
 
 pub mod generate;
+pub mod ingest;
 pub mod inspect;
 
 use crate::cli::{Cli, Command};
@@ -22,5 +23,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Ingest(args) => ingest::run(args, cli.threads),
     }
 }

@@ -1,0 +1,759 @@
+//! The ingest pipeline: inputs → items → (parallel) read, filter, redact,
+//! hash → (in input order) dedup, split → (writer thread) Parquet shards.
+//!
+//! Memory is bounded by the batch size, the writer's queue and the dedup
+//! indexes (hashes only): a corpus larger than RAM streams through.
+//! Items are judged in parallel but dedup and split decisions are made in
+//! input order, so results do not depend on the thread count.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::dataset::{DatasetError, DatasetFormat, DatasetReader};
+use super::dedup::{self, ExactIndex, LshIndex, LshParams, MinHashError, MinHasher};
+use super::filter::{looks_binary, DropReason, FilterConfig, TextMetrics};
+use super::languages::{LanguageId, LanguageTable};
+use super::secrets::{Redactor, SecretCounts, SecretKind};
+use super::shards::{Row, ShardError, ShardWriter, SplitFiles};
+use super::stats::{LanguageStats, NearDedupParams, SplitStats, Stats};
+use super::walk::{DirWalk, FileItem, Item, RecordItem, Selection, SkipItem, WalkOptions};
+use crate::tokenizer::CodeTokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(transparent)]
+    MinHash(#[from] MinHashError),
+    #[error("{path}: tokenizing: {msg}")]
+    Tokenize { path: String, msg: String },
+    #[error("--eval-fraction must be in [0, 1], got {0}")]
+    EvalFraction(f64),
+    #[error("--languages: unknown language {name:?} (known: {known})")]
+    UnknownLanguage { name: String, known: String },
+    #[error("the Parquet writer thread stopped unexpectedly")]
+    WriterGone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupMode {
+    None,
+    Exact,
+    /// Exact, then MinHash LSH.
+    Near,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitBy {
+    Repo,
+    File,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestConfig {
+    pub filters: FilterConfig,
+    pub walk: WalkOptions,
+    pub include_data: bool,
+    /// Language names to keep (all when empty).
+    pub languages: Vec<String>,
+    pub dedup: DedupMode,
+    pub near_threshold: f64,
+    pub num_perm: usize,
+    pub shingle_size: usize,
+    pub redact_emails: bool,
+    pub eval_fraction: f64,
+    pub split_by: SplitBy,
+    pub split_seed: u64,
+    pub shard_bytes: u64,
+}
+
+/// One input, resolved by the command (URLs already cloned).
+#[derive(Debug, Clone)]
+pub enum Input {
+    Dir {
+        path: PathBuf,
+        name: Option<String>,
+    },
+    Dataset {
+        path: PathBuf,
+        format: DatasetFormat,
+    },
+}
+
+/// Progress after each batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    pub files: u64,
+    pub bytes_read: u64,
+    pub kept: u64,
+}
+
+/// Items per parallel batch, and the bytes (by size on disk) that close a
+/// batch early: enough work for every thread, little enough to bound memory.
+const BATCH_ITEMS: usize = 512;
+const BATCH_BYTES: u64 = 64 << 20;
+/// Batches of rows queued for the writer thread.
+const WRITER_QUEUE: usize = 4;
+const EXAMPLES_PER_REASON: usize = 5;
+
+/// The outcome of judging one item.
+enum Judged {
+    Dropped {
+        reason: DropReason,
+        bytes: u64,
+        /// Whether `bytes` were read (and count towards throughput).
+        read: bool,
+        path: String,
+        detail: Option<String>,
+    },
+    Kept(Box<Candidate>),
+}
+
+struct Candidate {
+    row: Row,
+    bytes_read: u64,
+    exact_key: u128,
+    band_keys: Option<Vec<u64>>,
+    secrets: SecretCounts,
+}
+
+/// CPU time per stage, summed over threads.
+#[derive(Default)]
+struct StageClock {
+    read: AtomicU64,
+    filter: AtomicU64,
+    redact: AtomicU64,
+    minhash: AtomicU64,
+    sha256: AtomicU64,
+    tokenize: AtomicU64,
+}
+
+fn lap(counter: &AtomicU64, since: &mut Instant) {
+    let now = Instant::now();
+    counter.fetch_add((now - *since).as_nanos() as u64, Ordering::Relaxed);
+    *since = now;
+}
+
+/// Everything the parallel stage reads.
+struct Judge<'a> {
+    config: &'a IngestConfig,
+    table: &'a LanguageTable,
+    selection: Selection,
+    redactor: Redactor,
+    minhasher: Option<MinHasher>,
+    lsh: Option<LshParams>,
+    tokenizer: Option<&'a CodeTokenizer>,
+    language_names: Vec<Arc<str>>,
+    unknown_language: Arc<str>,
+    clock: StageClock,
+}
+
+impl Judge<'_> {
+    fn judge(&self, item: Item, scratch: &mut Vec<u32>) -> Result<Judged, IngestError> {
+        match item {
+            Item::Skip(SkipItem {
+                reason,
+                path,
+                bytes,
+                detail,
+            }) => Ok(Judged::Dropped {
+                reason,
+                bytes,
+                read: false,
+                path,
+                detail,
+            }),
+            Item::File(file) => self.judge_file(file, scratch),
+            Item::Record(record) => self.judge_record(record, scratch),
+        }
+    }
+
+    fn judge_file(&self, file: FileItem, scratch: &mut Vec<u32>) -> Result<Judged, IngestError> {
+        let mut t = Instant::now();
+        let path = file.abs_path.display().to_string();
+        let drop = |reason, bytes, detail| {
+            Ok(Judged::Dropped {
+                reason,
+                bytes,
+                read: reason != DropReason::Unreadable,
+                path: path.clone(),
+                detail,
+            })
+        };
+        let max = self.config.filters.max_file_size;
+        let bytes = match read_at_most(&file.abs_path, max.saturating_add(1)) {
+            Ok(b) => b,
+            Err(e) => return drop(DropReason::Unreadable, 0, Some(e.to_string())),
+        };
+        lap(&self.clock.read, &mut t);
+        let n = bytes.len() as u64;
+        // The file may have changed since the walk looked at it.
+        if n > max {
+            return drop(DropReason::TooLarge, n, None);
+        }
+        if n == 0 {
+            return drop(DropReason::Empty, 0, None);
+        }
+        if looks_binary(&bytes) {
+            return drop(DropReason::Binary, n, None);
+        }
+        let language = match file.language {
+            Some(id) => id,
+            None => match self.table.by_shebang(&bytes) {
+                Some(id) => {
+                    if let Some(reason) = self.selection.reject_language(self.table, id) {
+                        return drop(reason, n, None);
+                    }
+                    id
+                }
+                None => return drop(DropReason::UnknownLanguage, n, None),
+            },
+        };
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => return drop(DropReason::NonUtf8, n, None),
+        };
+        let language = self.language_names[language as usize].clone();
+        self.judge_text(file.repo, file.rel_path, language, text, n, scratch, t)
+    }
+
+    fn judge_record(
+        &self,
+        record: RecordItem,
+        scratch: &mut Vec<u32>,
+    ) -> Result<Judged, IngestError> {
+        let t = Instant::now();
+        let n = record.content.len() as u64;
+        let dropped = |reason| {
+            Ok(Judged::Dropped {
+                reason,
+                bytes: n,
+                read: true,
+                path: format!("{}/{}", record.repo.name, record.path),
+                detail: None,
+            })
+        };
+        if n > self.config.filters.max_file_size {
+            return dropped(DropReason::TooLarge);
+        }
+        if n == 0 {
+            return dropped(DropReason::Empty);
+        }
+        if looks_binary(record.content.as_bytes()) {
+            return dropped(DropReason::Binary);
+        }
+        // The dataset's own label first, then the path, then a shebang;
+        // records stay even when none says (the dataset chose them).
+        let file_name = record.path.rsplit('/').next().unwrap_or(&record.path);
+        let id: Option<LanguageId> = record
+            .language
+            .as_deref()
+            .and_then(|l| self.table.id_of(l))
+            .or_else(|| self.table.by_path(file_name))
+            .or_else(|| self.table.by_shebang(record.content.as_bytes()));
+        let language: Arc<str> = match (id, &record.language) {
+            (Some(id), _) => {
+                if let Some(reason) = self.selection.reject_language(self.table, id) {
+                    return dropped(reason);
+                }
+                self.language_names[id as usize].clone()
+            }
+            (None, _) if self.selection.languages.is_some() => {
+                return dropped(DropReason::LanguageNotSelected)
+            }
+            (None, Some(label)) => Arc::from(label.as_str()),
+            (None, None) => self.unknown_language.clone(),
+        };
+        self.judge_text(
+            record.repo,
+            record.path,
+            language,
+            record.content,
+            n,
+            scratch,
+            t,
+        )
+    }
+
+    /// The checks shared by files and records, on valid UTF-8 text.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_text(
+        &self,
+        repo: Arc<super::walk::Repo>,
+        path: String,
+        language: Arc<str>,
+        mut text: String,
+        bytes_read: u64,
+        scratch: &mut Vec<u32>,
+        mut t: Instant,
+    ) -> Result<Judged, IngestError> {
+        if text.starts_with('\u{feff}') {
+            text.drain(..'\u{feff}'.len_utf8());
+        }
+        let file_name = path.rsplit('/').next().unwrap_or(&path);
+        let mut metrics = TextMetrics::of(&text);
+        if let Err(reason) = self.config.filters.check(file_name, &text, &metrics) {
+            return Ok(Judged::Dropped {
+                reason,
+                bytes: bytes_read,
+                read: true,
+                path: format!("{}/{}", repo.name, path),
+                detail: None,
+            });
+        }
+        lap(&self.clock.filter, &mut t);
+        let mut secrets = SecretCounts::default();
+        let redacted = self.redactor.redact(&text, &mut secrets);
+        let content = match redacted {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(changed) => {
+                metrics = TextMetrics::of(&changed);
+                changed
+            }
+        };
+        lap(&self.clock.redact, &mut t);
+        let exact_key = if self.config.dedup == DedupMode::None {
+            0
+        } else {
+            dedup::exact_key(&content)
+        };
+        let band_keys = match (&self.minhasher, &self.lsh) {
+            (Some(mh), Some(lsh)) => {
+                mh.shingle_hashes(&content, scratch);
+                mh.signature(scratch).map(|sig| lsh.band_keys(&sig))
+            }
+            _ => None,
+        };
+        lap(&self.clock.minhash, &mut t);
+        let sha256 = hex(&Sha256::digest(content.as_bytes()));
+        lap(&self.clock.sha256, &mut t);
+        let n_tokens = match self.tokenizer {
+            Some(tok) => {
+                let ids = tok
+                    .encode(&content, false)
+                    .map_err(|e| IngestError::Tokenize {
+                        path: format!("{}/{}", repo.name, path),
+                        msg: e.to_string(),
+                    })?;
+                lap(&self.clock.tokenize, &mut t);
+                Some(ids.len() as i64)
+            }
+            None => None,
+        };
+        Ok(Judged::Kept(Box::new(Candidate {
+            row: Row {
+                repo: Arc::from(repo.name.as_str()),
+                path,
+                language,
+                license: repo.license.as_deref().map(Arc::from),
+                content,
+                n_tokens,
+                sha256,
+                metrics,
+            },
+            bytes_read,
+            exact_key,
+            band_keys,
+            secrets,
+        })))
+    }
+}
+
+/// Reads up to `limit` bytes: enough to tell a file is too large without
+/// reading all of a multi-gigabyte one.
+fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let hint = file.metadata().map(|m| m.len().min(limit)).unwrap_or(0);
+    let mut buf = Vec::with_capacity(hint as usize);
+    file.take(limit).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Eval,
+}
+
+/// The sequential half: dedup indexes, split, statistics.
+struct Ledger {
+    dedup: DedupMode,
+    exact: ExactIndex,
+    lsh: Option<LshIndex>,
+    eval_fraction: f64,
+    split_by: SplitBy,
+    split_seed: u64,
+    stats: Stats,
+    secret_counts: SecretCounts,
+    repos: [HashSet<Arc<str>>; 2],
+    dedup_nanos: u64,
+}
+
+impl Ledger {
+    fn split_of(&self, row: &Row) -> Split {
+        let key = match self.split_by {
+            SplitBy::Repo => row.repo.to_string(),
+            SplitBy::File => format!("{}/{}", row.repo, row.path),
+        };
+        let h = twox_hash::XxHash3_64::oneshot_with_seed(self.split_seed, key.as_bytes());
+        // Top 53 bits as a uniform number in [0, 1).
+        let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+        if u < self.eval_fraction {
+            Split::Eval
+        } else {
+            Split::Train
+        }
+    }
+
+    fn drop(&mut self, reason: DropReason, bytes: u64, path: String, detail: Option<String>) {
+        let name = reason.name().to_string();
+        let count = self.stats.dropped.entry(name.clone()).or_default();
+        count.files += 1;
+        count.bytes += bytes;
+        self.stats.files.dropped += 1;
+        let examples = self.stats.drop_examples.entry(name).or_default();
+        if examples.len() < EXAMPLES_PER_REASON {
+            examples.push(match detail {
+                Some(d) => format!("{path}: {d}"),
+                None => path,
+            });
+        }
+    }
+
+    /// Takes one batch's judgements in input order; returns the rows to write.
+    fn absorb(&mut self, judged: Vec<Judged>, progress: &mut Progress) -> (Vec<Row>, Vec<Row>) {
+        let t = Instant::now();
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for j in judged {
+            self.stats.files.seen += 1;
+            progress.files += 1;
+            match j {
+                Judged::Dropped {
+                    reason,
+                    bytes,
+                    read,
+                    path,
+                    detail,
+                } => {
+                    if read {
+                        self.stats.bytes.read += bytes;
+                        progress.bytes_read += bytes;
+                    }
+                    self.drop(reason, bytes, path, detail)
+                }
+                Judged::Kept(c) => {
+                    self.stats.bytes.read += c.bytes_read;
+                    progress.bytes_read += c.bytes_read;
+                    let size = c.row.content.len() as u64;
+                    let label = || format!("{}/{}", c.row.repo, c.row.path);
+                    if self.dedup != DedupMode::None && self.exact.is_duplicate(c.exact_key) {
+                        self.drop(DropReason::ExactDuplicate, size, label(), None);
+                        continue;
+                    }
+                    if let (Some(lsh), Some(keys)) = (&mut self.lsh, &c.band_keys) {
+                        if lsh.is_near_duplicate(keys) {
+                            self.drop(DropReason::NearDuplicate, size, label(), None);
+                            continue;
+                        }
+                    }
+                    self.keep(*c, &mut train, &mut eval);
+                    progress.kept += 1;
+                }
+            }
+        }
+        self.dedup_nanos += t.elapsed().as_nanos() as u64;
+        (train, eval)
+    }
+
+    fn keep(&mut self, c: Candidate, train: &mut Vec<Row>, eval: &mut Vec<Row>) {
+        let split = self.split_of(&c.row);
+        let size = c.row.content.len() as u64;
+        let stats = &mut self.stats;
+        stats.files.kept += 1;
+        stats.bytes.kept += size;
+        if c.secrets.iter().any(|&n| n > 0) {
+            stats.files_with_secrets += 1;
+        }
+        for (total, n) in self.secret_counts.iter_mut().zip(c.secrets) {
+            *total += n;
+        }
+        let lang: &mut LanguageStats = stats
+            .languages
+            .entry(c.row.language.to_string())
+            .or_default();
+        lang.files += 1;
+        lang.bytes += size;
+        let (name, rows, repos) = match split {
+            Split::Train => {
+                lang.train_files += 1;
+                ("train", train, &mut self.repos[0])
+            }
+            Split::Eval => {
+                lang.eval_files += 1;
+                ("eval", eval, &mut self.repos[1])
+            }
+        };
+        let s: &mut SplitStats = stats.splits.entry(name.to_string()).or_default();
+        s.files += 1;
+        s.bytes += size;
+        if !repos.contains(&c.row.repo) {
+            repos.insert(c.row.repo.clone());
+        }
+        rows.push(c.row);
+    }
+}
+
+/// The writer thread: one shard writer per split.
+struct Writer {
+    queue: Option<SyncSender<(Split, Vec<Row>)>>,
+    thread: Option<JoinHandle<Result<(SplitFiles, SplitFiles, f64), ShardError>>>,
+}
+
+impl Writer {
+    fn start(dir: &Path, with_tokens: bool, shard_bytes: u64) -> Self {
+        let (tx, rx) = sync_channel::<(Split, Vec<Row>)>(WRITER_QUEUE);
+        let mut train = ShardWriter::new(dir, "train", with_tokens, shard_bytes);
+        let mut eval = ShardWriter::new(dir, "eval", with_tokens, shard_bytes);
+        let thread = std::thread::spawn(move || {
+            let mut busy = 0.0;
+            for (split, rows) in rx {
+                let t = Instant::now();
+                match split {
+                    Split::Train => train.write(&rows)?,
+                    Split::Eval => eval.write(&rows)?,
+                }
+                busy += t.elapsed().as_secs_f64();
+            }
+            let t = Instant::now();
+            let files = (train.finish()?, eval.finish()?);
+            busy += t.elapsed().as_secs_f64();
+            Ok((files.0, files.1, busy))
+        });
+        Writer {
+            queue: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn send(&mut self, split: Split, rows: Vec<Row>) -> Result<(), IngestError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sent = self.queue.as_ref().map(|q| q.send((split, rows)).is_ok());
+        if sent == Some(true) {
+            return Ok(());
+        }
+        // The thread quit: its error says why.
+        match self.finish() {
+            Err(e) => Err(e),
+            Ok(_) => Err(IngestError::WriterGone),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(SplitFiles, SplitFiles, f64), IngestError> {
+        self.queue = None;
+        let thread = self.thread.take().ok_or(IngestError::WriterGone)?;
+        match thread.join() {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(IngestError::WriterGone),
+        }
+    }
+}
+
+/// Runs the pipeline, writing shards into `staging` (which the caller
+/// renames into place). Call inside the rayon pool that should do the work.
+pub fn run(
+    config: &IngestConfig,
+    table: &LanguageTable,
+    tokenizer: Option<&CodeTokenizer>,
+    inputs: &[Input],
+    staging: &Path,
+    on_progress: &mut dyn FnMut(Progress),
+) -> Result<Stats, IngestError> {
+    let started = Instant::now();
+    if !(0.0..=1.0).contains(&config.eval_fraction) {
+        return Err(IngestError::EvalFraction(config.eval_fraction));
+    }
+    let selection = Selection {
+        max_file_size: config.filters.max_file_size,
+        include_data: config.include_data,
+        languages: if config.languages.is_empty() {
+            None
+        } else {
+            let ids = config.languages.iter().map(|name| {
+                table
+                    .id_of(name)
+                    .ok_or_else(|| IngestError::UnknownLanguage {
+                        name: name.clone(),
+                        known: table
+                            .languages()
+                            .iter()
+                            .map(|l| l.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+            });
+            Some(ids.collect::<Result<Vec<_>, _>>()?)
+        },
+    };
+    let (minhasher, lsh_params) = if config.dedup == DedupMode::Near {
+        (
+            Some(MinHasher::new(config.num_perm, config.shingle_size)?),
+            Some(LshParams::optimal(config.near_threshold, config.num_perm)?),
+        )
+    } else {
+        (None, None)
+    };
+    let judge = Judge {
+        config,
+        table,
+        selection: selection.clone(),
+        redactor: Redactor::new(config.redact_emails),
+        minhasher,
+        lsh: lsh_params,
+        tokenizer,
+        language_names: table
+            .languages()
+            .iter()
+            .map(|l| Arc::from(l.name.as_str()))
+            .collect(),
+        unknown_language: Arc::from("unknown"),
+        clock: StageClock::default(),
+    };
+    let mut ledger = Ledger {
+        dedup: config.dedup,
+        exact: ExactIndex::default(),
+        lsh: lsh_params.map(LshIndex::new),
+        eval_fraction: config.eval_fraction,
+        split_by: config.split_by,
+        split_seed: config.split_seed,
+        stats: Stats::default(),
+        secret_counts: SecretCounts::default(),
+        repos: [HashSet::new(), HashSet::new()],
+        dedup_nanos: 0,
+    };
+    let mut writer = Writer::start(staging, tokenizer.is_some(), config.shard_bytes);
+    let mut progress = Progress::default();
+    let mut batch: Vec<Item> = Vec::with_capacity(BATCH_ITEMS);
+    let mut batch_bytes = 0u64;
+
+    let mut flush = |batch: &mut Vec<Item>,
+                     ledger: &mut Ledger,
+                     writer: &mut Writer|
+     -> Result<(), IngestError> {
+        let judged: Vec<Judged> = batch
+            .par_drain(..)
+            .map_init(Vec::new, |scratch, item| judge.judge(item, scratch))
+            .collect::<Result<_, _>>()?;
+        let (train, eval) = ledger.absorb(judged, &mut progress);
+        writer.send(Split::Train, train)?;
+        writer.send(Split::Eval, eval)?;
+        on_progress(progress);
+        Ok(())
+    };
+
+    for input in inputs {
+        let items: Box<dyn Iterator<Item = Result<Item, IngestError>>> = match input {
+            Input::Dir { path, name } => Box::new(
+                DirWalk::new(path, name.as_deref(), &config.walk, table, &selection).map(Ok),
+            ),
+            Input::Dataset { path, format } => {
+                Box::new(DatasetReader::open(path, *format)?.map(|r| r.map_err(IngestError::from)))
+            }
+        };
+        for item in items {
+            let item = item?;
+            batch_bytes += match &item {
+                Item::File(f) => f.size,
+                Item::Record(r) => r.content.len() as u64,
+                Item::Skip(_) => 0,
+            };
+            batch.push(item);
+            if batch.len() >= BATCH_ITEMS || batch_bytes >= BATCH_BYTES {
+                flush(&mut batch, &mut ledger, &mut writer)?;
+                batch_bytes = 0;
+            }
+        }
+    }
+    flush(&mut batch, &mut ledger, &mut writer)?;
+    let (train_files, eval_files, write_s) = writer.finish()?;
+
+    let total = started.elapsed().as_secs_f64();
+    let mut stats = ledger.stats;
+    for (split, files, repos) in [
+        ("train", train_files, &ledger.repos[0]),
+        ("eval", eval_files, &ledger.repos[1]),
+    ] {
+        let s = stats.splits.entry(split.to_string()).or_default();
+        s.shards = files.shards;
+        s.repos = repos.len() as u64;
+    }
+    for kind in SecretKind::ALL {
+        stats
+            .secrets
+            .insert(kind.name().to_string(), ledger.secret_counts[kind as usize]);
+    }
+    stats.near_dedup = lsh_params.map(|p| NearDedupParams {
+        num_perm: config.num_perm,
+        shingle_size: config.shingle_size,
+        threshold: config.near_threshold,
+        bands: p.bands,
+        rows: p.rows,
+    });
+    let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+    let clock = &judge.clock;
+    stats.timings_s = BTreeMap::from([
+        ("total".to_string(), total),
+        ("read".to_string(), secs(&clock.read)),
+        ("filter".to_string(), secs(&clock.filter)),
+        ("redact".to_string(), secs(&clock.redact)),
+        ("minhash".to_string(), secs(&clock.minhash)),
+        ("sha256".to_string(), secs(&clock.sha256)),
+        ("tokenize".to_string(), secs(&clock.tokenize)),
+        ("dedup".to_string(), ledger.dedup_nanos as f64 * 1e-9),
+        ("write".to_string(), write_s),
+    ]);
+    stats.throughput.files_per_s = stats.files.seen as f64 / total.max(1e-9);
+    stats.throughput.mb_per_s = stats.bytes.read as f64 / 1e6 / total.max(1e-9);
+    let train_repos = ledger.repos[0].len();
+    let eval_repos = ledger.repos[1].len();
+    if config.eval_fraction > 0.0 && stats.files.kept > 0 && eval_repos == 0 {
+        stats.warnings.push(format!(
+            "the eval split is empty: {train_repos} {} all hashed into train; \
+             use --split-by file, or more repositories",
+            if config.split_by == SplitBy::Repo {
+                "repositories"
+            } else {
+                "files"
+            }
+        ));
+    }
+    if stats.files.kept > 0 && train_repos == 0 {
+        stats.warnings.push("the train split is empty: every repository hashed into eval; lower --eval-fraction or use --split-by file".into());
+    }
+    Ok(stats)
+}
