@@ -33,6 +33,7 @@ pub fn run(args: IngestArgs, threads: Option<i32>) -> Result<Outcome> {
     };
     let tokenizer = args.tokenizer.as_deref().map(load_tokenizer).transpose()?;
     let config = config_from(&args);
+    config.validate(&table)?;
 
     // Clones live until the run ends; their directories go with them.
     let mut clones = Vec::new();
@@ -173,7 +174,6 @@ fn resolve_local(path: &Path) -> Result<Input> {
             path.display()
         );
     };
-    std::fs::File::open(path).with_context(|| format!("cannot read input {}", path.display()))?;
     Ok(Input::Dataset {
         path: path.to_path_buf(),
         format,

@@ -213,7 +213,7 @@ impl JsonlReader {
             }
             let record: JsonRecord = match serde_json::from_str(&self.buf) {
                 Ok(r) => r,
-                Err(e) => return Some(Err(self.bad(format!("not a JSON object: {e}")))),
+                Err(e) => return Some(Err(self.bad(format!("not a valid JSON record: {e}")))),
             };
             let Some(content) = record.content else {
                 return Some(Err(self.bad(

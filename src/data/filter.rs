@@ -104,7 +104,7 @@ impl TextMetrics {
         let mut n_chars = 0usize;
         let mut n_alnum = 0usize;
         let mut n_lines = 0usize;
-        let mut n_newlines = 0usize;
+        let mut sum_line_len = 0usize;
         let mut max_line_len = 0usize;
         let mut start = 0;
         while start < bytes.len() {
@@ -127,17 +127,15 @@ impl TextMetrics {
                 chars
             };
             max_line_len = max_line_len.max(len);
+            sum_line_len += len;
             n_chars += chars;
             n_alnum += alnum;
             n_lines += 1;
             if end < bytes.len() {
                 n_chars += 1; // the newline
-                n_newlines += 1;
             }
             start = end + 1;
         }
-        // Mean over lines of their lengths, newlines excluded.
-        let line_chars = n_chars - n_newlines;
         TextMetrics {
             n_chars,
             n_lines,
@@ -145,7 +143,7 @@ impl TextMetrics {
             mean_line_len: if n_lines == 0 {
                 0.0
             } else {
-                line_chars as f64 / n_lines as f64
+                sum_line_len as f64 / n_lines as f64
             },
             alnum_frac: if n_chars == 0 {
                 0.0
@@ -233,8 +231,8 @@ mod tests {
         assert_eq!(m.n_chars, 13);
         // Alnum: a b é x l a s t = 8 of 13 characters.
         assert!((m.alnum_frac - 8.0 / 13.0).abs() < 1e-12);
-        // Line characters (no \n): 13 - 3 = 10 over 4 lines.
-        assert!((m.mean_line_len - 10.0 / 4.0).abs() < 1e-12);
+        // Line lengths 2, 3, 0, 4.
+        assert!((m.mean_line_len - 9.0 / 4.0).abs() < 1e-12);
         let empty = TextMetrics::of("");
         assert_eq!(
             (empty.n_lines, empty.n_chars, empty.max_line_len),

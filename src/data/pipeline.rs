@@ -80,6 +80,37 @@ pub struct IngestConfig {
     pub shard_bytes: u64,
 }
 
+impl IngestConfig {
+    /// Checks the options that could otherwise fail only after inputs were
+    /// cloned or half the corpus read; returns the `--languages` ids.
+    pub fn validate(&self, table: &LanguageTable) -> Result<Option<Vec<LanguageId>>, IngestError> {
+        if !(0.0..=1.0).contains(&self.eval_fraction) {
+            return Err(IngestError::EvalFraction(self.eval_fraction));
+        }
+        if self.dedup == DedupMode::Near {
+            MinHasher::new(self.num_perm, self.shingle_size)?;
+            LshParams::optimal(self.near_threshold, self.num_perm)?;
+        }
+        if self.languages.is_empty() {
+            return Ok(None);
+        }
+        let ids = self.languages.iter().map(|name| {
+            table
+                .id_of(name)
+                .ok_or_else(|| IngestError::UnknownLanguage {
+                    name: name.clone(),
+                    known: table
+                        .languages()
+                        .iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+        });
+        Ok(Some(ids.collect::<Result<Vec<_>, _>>()?))
+    }
+}
+
 /// One input, resolved by the command (URLs already cloned).
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -595,30 +626,10 @@ pub fn run(
     on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Stats, IngestError> {
     let started = Instant::now();
-    if !(0.0..=1.0).contains(&config.eval_fraction) {
-        return Err(IngestError::EvalFraction(config.eval_fraction));
-    }
     let selection = Selection {
         max_file_size: config.filters.max_file_size,
         include_data: config.include_data,
-        languages: if config.languages.is_empty() {
-            None
-        } else {
-            let ids = config.languages.iter().map(|name| {
-                table
-                    .id_of(name)
-                    .ok_or_else(|| IngestError::UnknownLanguage {
-                        name: name.clone(),
-                        known: table
-                            .languages()
-                            .iter()
-                            .map(|l| l.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
-            });
-            Some(ids.collect::<Result<Vec<_>, _>>()?)
-        },
+        languages: config.validate(table)?,
     };
     let (minhasher, lsh_params) = if config.dedup == DedupMode::Near {
         (

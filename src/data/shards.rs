@@ -166,17 +166,32 @@ impl ShardWriter {
         }
     }
 
+    /// Appends rows, starting a new shard whenever the current one reaches
+    /// the shard size. Rows go in chunks of about a quarter shard, so shard
+    /// sizes hold even when a whole batch would overshoot them.
     pub fn write(&mut self, rows: &[Row]) -> Result<(), ShardError> {
-        if rows.is_empty() {
-            return Ok(());
+        let chunk_bytes = (self.shard_bytes / 4).clamp(1, 16 << 20);
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < rows.len() && (end == start || bytes < chunk_bytes) {
+                bytes += rows[end].content.len() as u64;
+                end += 1;
+            }
+            self.write_chunk(&rows[start..end])?;
+            start = end;
         }
+        Ok(())
+    }
+
+    fn write_chunk(&mut self, rows: &[Row]) -> Result<(), ShardError> {
         let batch = to_batch(&self.schema, rows)?;
         let (path, writer) = self.open_shard()?;
-        let pq_err = |source| ShardError::Parquet {
+        writer.write(&batch).map_err(|source| ShardError::Parquet {
             path: path.clone(),
             source,
-        };
-        writer.write(&batch).map_err(pq_err)?;
+        })?;
         let size = writer.bytes_written() as u64 + writer.in_progress_size() as u64;
         self.rows += rows.len() as u64;
         if size >= self.shard_bytes {
