@@ -242,8 +242,8 @@ fn near_dedup_recall_and_precision_on_planted_duplicates() {
         base.push(lines);
     }
     let mut planted_exact = BTreeSet::new();
-    for i in 0..60 {
-        let mut text = join(&base[i]);
+    for (i, lines) in base.iter().enumerate().take(60) {
+        let mut text = join(lines);
         if i % 2 == 0 {
             text = text.replace('\n', "  \r\n");
         }

@@ -108,7 +108,7 @@ fn default_repo(path: &Path) -> Arc<Repo> {
         .unwrap_or_else(|| dir_name(path));
     let stem = name.split('.').next().unwrap_or(&name).to_string();
     Arc::new(Repo {
-        name: stem,
+        name: stem.into(),
         license: None,
     })
 }
@@ -127,18 +127,18 @@ impl RepoCache {
                 None => self.default.clone(),
                 Some(l) => Arc::new(Repo {
                     name: self.default.name.clone(),
-                    license: Some(l.to_string()),
+                    license: Some(l.into()),
                 }),
             };
         };
         if let Some(last) = &self.last {
-            if last.name == name && last.license.as_deref() == license {
+            if &*last.name == name && last.license.as_deref() == license {
                 return last.clone();
             }
         }
         let repo = Arc::new(Repo {
-            name: name.to_string(),
-            license: license.map(str::to_string),
+            name: name.into(),
+            license: license.map(Arc::from),
         });
         self.last = Some(repo.clone());
         repo

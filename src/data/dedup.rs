@@ -21,14 +21,34 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::Serialize;
 
-/// Normalised-content hash for exact deduplication.
+/// Normalised-content hash for exact deduplication: each line without
+/// trailing whitespace, `\n`-terminated (so CRLF and LF, and a missing final
+/// newline, hash alike).
 pub fn exact_key(text: &str) -> u128 {
     let mut hasher = twox_hash::XxHash3_128::new();
+    if is_normal(text) {
+        // Most files: already normal, hash them in one go.
+        hasher.write(text.as_bytes());
+        if !text.is_empty() && !text.ends_with('\n') {
+            hasher.write(b"\n");
+        }
+        return hasher.finish_128();
+    }
     for line in text.lines() {
         hasher.write(line.trim_end().as_bytes());
         hasher.write(b"\n");
     }
     hasher.finish_128()
+}
+
+/// Whether normalising would not change the text: no line ends in
+/// whitespace (a non-ASCII last byte is treated as possible whitespace).
+fn is_normal(text: &str) -> bool {
+    let b = text.as_bytes();
+    let clean_before =
+        |end: usize| end == 0 || (b[end - 1] < 0x80 && !b[end - 1].is_ascii_whitespace());
+    memchr::memchr_iter(b'\n', b).all(clean_before)
+        && (b.last() == Some(&b'\n') || clean_before(b.len()))
 }
 
 /// Keys already seen, by [`exact_key`].
@@ -391,7 +411,7 @@ impl LshParams {
                     .collect()
             };
             let (base_below, base_above) = (base(&below), base(&above));
-            for bands in 1..=max_bands {
+            for error_rb in errors.iter_mut().skip(1) {
                 let mut false_pos = 0.0;
                 for ((m, q), (_, w)) in miss_below.iter_mut().zip(&base_below).zip(&below) {
                     *m *= q;
@@ -402,15 +422,15 @@ impl LshParams {
                     *m *= q;
                     false_neg += w * *m;
                 }
-                errors[bands] = 0.5 * false_pos + 0.5 * false_neg;
+                *error_rb = 0.5 * false_pos + 0.5 * false_neg;
             }
         }
         // datasketch's scan order (bands outer, rows inner; first minimum wins).
         let mut best = (f64::INFINITY, LshParams { bands: 1, rows: 1 });
         for bands in 1..=num_perm {
-            for rows in 1..=num_perm / bands {
-                if error[rows][bands] < best.0 {
-                    best = (error[rows][bands], LshParams { bands, rows });
+            for (rows, errors) in error.iter().enumerate().take(num_perm / bands + 1).skip(1) {
+                if errors[bands] < best.0 {
+                    best = (errors[bands], LshParams { bands, rows });
                 }
             }
         }
@@ -477,6 +497,9 @@ mod tests {
     #[test]
     fn exact_key_ignores_line_endings_and_trailing_space() {
         assert_eq!(exact_key("a = 1  \r\nb = 2\n"), exact_key("a = 1\nb = 2"));
+        assert_eq!(exact_key("a = 1\nb = 2\n"), exact_key("a = 1\nb = 2"));
+        assert_eq!(exact_key("a\u{3000}\nb"), exact_key("a\nb\n"));
+        assert_eq!(exact_key("\n\nx\n"), exact_key("\n\nx"));
         assert_ne!(exact_key("a = 1\n"), exact_key("a = 2\n"));
         let mut idx = ExactIndex::default();
         assert!(!idx.is_duplicate(exact_key("x")));

@@ -161,7 +161,8 @@ struct Candidate {
     secrets: SecretCounts,
 }
 
-/// CPU time per stage, summed over threads.
+/// CPU time per stage, summed over threads. Measured with the thread CPU
+/// clock, so a busy machine does not inflate a stage.
 #[derive(Default)]
 struct StageClock {
     read: AtomicU64,
@@ -172,10 +173,24 @@ struct StageClock {
     tokenize: AtomicU64,
 }
 
-fn lap(counter: &AtomicU64, since: &mut Instant) {
-    let now = Instant::now();
-    counter.fetch_add((now - *since).as_nanos() as u64, Ordering::Relaxed);
+fn lap(counter: &AtomicU64, since: &mut u64) {
+    let now = thread_cpu_ns();
+    counter.fetch_add(now.saturating_sub(*since), Ordering::Relaxed);
     *since = now;
+}
+
+/// CPU nanoseconds used by the calling thread.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass, which we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Everything the parallel stage reads.
@@ -213,7 +228,7 @@ impl Judge<'_> {
     }
 
     fn judge_file(&self, file: FileItem, scratch: &mut Vec<u32>) -> Result<Judged, IngestError> {
-        let mut t = Instant::now();
+        let mut t = thread_cpu_ns();
         let path = file.abs_path.display().to_string();
         let drop = |reason, bytes, detail| {
             Ok(Judged::Dropped {
@@ -266,7 +281,7 @@ impl Judge<'_> {
         record: RecordItem,
         scratch: &mut Vec<u32>,
     ) -> Result<Judged, IngestError> {
-        let t = Instant::now();
+        let t = thread_cpu_ns();
         let n = record.content.len() as u64;
         let dropped = |reason| {
             Ok(Judged::Dropped {
@@ -329,7 +344,7 @@ impl Judge<'_> {
         mut text: String,
         bytes_read: u64,
         scratch: &mut Vec<u32>,
-        mut t: Instant,
+        mut t: u64,
     ) -> Result<Judged, IngestError> {
         if text.starts_with('\u{feff}') {
             text.drain(..'\u{feff}'.len_utf8());
@@ -386,10 +401,10 @@ impl Judge<'_> {
         };
         Ok(Judged::Kept(Box::new(Candidate {
             row: Row {
-                repo: Arc::from(repo.name.as_str()),
+                repo: repo.name.clone(),
                 path,
                 language,
-                license: repo.license.as_deref().map(Arc::from),
+                license: repo.license.clone(),
                 content,
                 n_tokens,
                 sha256,
@@ -477,7 +492,7 @@ impl Ledger {
 
     /// Takes one batch's judgements in input order; returns the rows to write.
     fn absorb(&mut self, judged: Vec<Judged>, progress: &mut Progress) -> (Vec<Row>, Vec<Row>) {
-        let t = Instant::now();
+        let t = thread_cpu_ns();
         let (mut train, mut eval) = (Vec::new(), Vec::new());
         for j in judged {
             self.stats.files.seen += 1;
@@ -516,7 +531,7 @@ impl Ledger {
                 }
             }
         }
-        self.dedup_nanos += t.elapsed().as_nanos() as u64;
+        self.dedup_nanos += thread_cpu_ns().saturating_sub(t);
         (train, eval)
     }
 
@@ -558,10 +573,13 @@ impl Ledger {
     }
 }
 
+/// What the writer thread returns: the train and eval shards and its CPU seconds.
+type WriterResult = Result<(SplitFiles, SplitFiles, f64), ShardError>;
+
 /// The writer thread: one shard writer per split.
 struct Writer {
     queue: Option<SyncSender<(Split, Vec<Row>)>>,
-    thread: Option<JoinHandle<Result<(SplitFiles, SplitFiles, f64), ShardError>>>,
+    thread: Option<JoinHandle<WriterResult>>,
 }
 
 impl Writer {
@@ -570,19 +588,15 @@ impl Writer {
         let mut train = ShardWriter::new(dir, "train", with_tokens, shard_bytes);
         let mut eval = ShardWriter::new(dir, "eval", with_tokens, shard_bytes);
         let thread = std::thread::spawn(move || {
-            let mut busy = 0.0;
             for (split, rows) in rx {
-                let t = Instant::now();
                 match split {
                     Split::Train => train.write(&rows)?,
                     Split::Eval => eval.write(&rows)?,
                 }
-                busy += t.elapsed().as_secs_f64();
             }
-            let t = Instant::now();
             let files = (train.finish()?, eval.finish()?);
-            busy += t.elapsed().as_secs_f64();
-            Ok((files.0, files.1, busy))
+            // The thread only writes: its CPU time is the write stage.
+            Ok((files.0, files.1, thread_cpu_ns() as f64 * 1e-9))
         });
         Writer {
             queue: Some(tx),
@@ -687,6 +701,7 @@ pub fn run(
         Ok(())
     };
 
+    let mut walk_nanos = 0u64;
     for input in inputs {
         let items: Box<dyn Iterator<Item = Result<Item, IngestError>>> = match input {
             Input::Dir { path, name } => Box::new(
@@ -696,7 +711,13 @@ pub fn run(
                 Box::new(DatasetReader::open(path, *format)?.map(|r| r.map_err(IngestError::from)))
             }
         };
-        for item in items {
+        let mut items = items;
+        loop {
+            // Walking and dataset decoding run on this thread, between batches.
+            let t = thread_cpu_ns();
+            let next = items.next();
+            walk_nanos += thread_cpu_ns().saturating_sub(t);
+            let Some(item) = next else { break };
             let item = item?;
             batch_bytes += match &item {
                 Item::File(f) => f.size,
@@ -739,6 +760,7 @@ pub fn run(
     let clock = &judge.clock;
     stats.timings_s = BTreeMap::from([
         ("total".to_string(), total),
+        ("walk".to_string(), walk_nanos as f64 * 1e-9),
         ("read".to_string(), secs(&clock.read)),
         ("filter".to_string(), secs(&clock.filter)),
         ("redact".to_string(), secs(&clock.redact)),

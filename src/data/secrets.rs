@@ -71,11 +71,17 @@ const MIN_ASSIGNMENT_LEN: usize = 8;
 
 struct Rule {
     kind: SecretKind,
-    regex: Regex,
-    /// Capture group holding the part to replace (0 = the whole match).
-    group: usize,
-    /// A cheap test; the regex only runs on texts that pass it.
+    matcher: Matcher,
+    /// A cheap test; the matcher only runs on texts that pass it.
     prefilter: Prefilter,
+}
+
+enum Matcher {
+    /// Replace each match.
+    Regex(Regex),
+    /// Replace the value of `NAME = "value"` where NAME holds a secret word;
+    /// see [`assignment_values`].
+    Assignment,
 }
 
 enum Prefilter {
@@ -101,76 +107,64 @@ impl Redactor {
     pub fn new(redact_emails: bool) -> Self {
         // The patterns are constants checked by the unit tests.
         let literal = |needle: &'static str| Prefilter::Literal(needle.as_bytes());
-        let rule = |kind, pattern: &str, group, prefilter| Rule {
+        let rule = |kind, pattern: &str, prefilter| Rule {
             kind,
             // ASCII word boundaries keep every pattern on the fast DFA engines.
-            regex: Regex::new(&pattern.replace(r"\b", r"(?-u:\b)"))
-                .unwrap_or_else(|e| panic!("secret pattern {kind:?}: {e}")),
-            group,
+            matcher: Matcher::Regex(
+                Regex::new(&pattern.replace(r"\b", r"(?-u:\b)"))
+                    .unwrap_or_else(|e| panic!("secret pattern {kind:?}: {e}")),
+            ),
             prefilter,
         };
         let rules = vec![
             rule(
                 SecretKind::PrivateKey,
                 r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----[\s\S]*?(-----END[A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----|\z)",
-                0,
                 literal("PRIVATE KEY"),
             ),
             rule(
                 SecretKind::AwsAccessKey,
                 r"\b(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}\b",
-                0,
                 Prefilter::None,
             ),
             rule(
                 SecretKind::GithubToken,
                 r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})\b",
-                0,
                 Prefilter::None,
             ),
             rule(
                 SecretKind::GitlabToken,
                 r"\bglpat-[A-Za-z0-9_\-]{20,}",
-                0,
                 literal("glpat-"),
             ),
             rule(
                 SecretKind::SlackToken,
                 r"\bxox[abposr]-[A-Za-z0-9\-]{10,}|https://hooks\.slack\.com/services/[A-Za-z0-9/_\-]+",
-                0,
                 Prefilter::None,
             ),
             rule(
                 SecretKind::GoogleApiKey,
                 r"\bAIza[0-9A-Za-z_\-]{35}\b",
-                0,
                 literal("AIza"),
             ),
             rule(
                 SecretKind::StripeKey,
                 r"\b[rs]k_(?:live|test)_[0-9A-Za-z]{20,}\b",
-                0,
                 Prefilter::None,
             ),
             rule(
                 SecretKind::Jwt,
                 r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
-                0,
                 literal("eyJ"),
             ),
-            // name (containing a secret-ish word) = / : / := / => "value".
-            // No prefilter: a case-insensitive word search costs more than
-            // the regex's own lazy DFA.
-            rule(
-                SecretKind::Assignment,
-                r#"(?i)(?:password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|auth_?key|credentials?)[a-z0-9_.\-]*["']?\s*(?::=|=>|=|:)\s*[bru]?["']([^"'\s]+)["']"#,
-                1,
-                Prefilter::None,
-            ),
+            Rule {
+                kind: SecretKind::Assignment,
+                matcher: Matcher::Assignment,
+                prefilter: Prefilter::None,
+            },
             rule(
                 SecretKind::Email,
                 r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b",
-                0,
                 literal("@"),
             ),
         ];
@@ -204,19 +198,23 @@ impl Rule {
             SecretKind::Email => EMAIL_PLACEHOLDER,
             _ => SECRET_PLACEHOLDER,
         };
+        let spans: Vec<(usize, usize)> = match &self.matcher {
+            Matcher::Regex(regex) => regex
+                .find_iter(text)
+                .map(|m| (m.start(), m.end()))
+                .collect(),
+            Matcher::Assignment => assignment_values(text),
+        };
         let mut out: Option<String> = None;
         let mut last = 0;
-        for caps in self.regex.captures_iter(text) {
-            let Some(m) = caps.get(self.group) else {
-                continue;
-            };
-            if !self.accepts(m.as_str()) {
+        for (start, end) in spans {
+            if !self.accepts(&text[start..end]) {
                 continue;
             }
             let out = out.get_or_insert_with(|| String::with_capacity(text.len()));
-            out.push_str(&text[last..m.start()]);
+            out.push_str(&text[last..start]);
             out.push_str(placeholder);
-            last = m.end();
+            last = end;
             counts[self.kind as usize] += 1;
         }
         let mut out = out?;
@@ -231,6 +229,94 @@ impl Rule {
             _ => true,
         }
     }
+}
+
+/// Words that make a name secret-bearing (ASCII case-insensitive).
+const SECRET_NAME_WORDS: &[&[u8]] = &[
+    b"password",
+    b"passwd",
+    b"pwd",
+    b"secret",
+    b"token",
+    b"apikey",
+    b"api_key",
+    b"accesskey",
+    b"access_key",
+    b"privatekey",
+    b"private_key",
+    b"authkey",
+    b"auth_key",
+    b"credential",
+];
+
+/// Byte spans of the values in `NAME = "value"`, `NAME: 'value'`,
+/// `"NAME": "value"`, `NAME := "value"`, `NAME => "value"` (an optional
+/// `b`/`r`/`u` string prefix allowed) where NAME, a run of
+/// `[A-Za-z0-9_.-]`, contains one of [`SECRET_NAME_WORDS`] and the value is
+/// a quoted run without whitespace or quotes. The same language as the regex
+/// `(?i)(password|...)[a-z0-9_.-]*["']?\s*(:=|=>|=|:)\s*[bru]?["']([^"'\s]+)["']`,
+/// matched from each quote backwards: quotes are found with memchr, so the
+/// text is not run through a case-insensitive automaton byte by byte.
+fn assignment_values(text: &str) -> Vec<(usize, usize)> {
+    let b = text.as_bytes();
+    let is_quote = |c: u8| c == b'"' || c == b'\'';
+    let mut spans = Vec::new();
+    let mut from = 0;
+    while let Some(offset) = memchr::memchr2(b'"', b'\'', &b[from..]) {
+        let open = from + offset;
+        from = open + 1;
+        let mut end = open + 1;
+        while end < b.len() && !is_quote(b[end]) && !b[end].is_ascii_whitespace() {
+            end += 1;
+        }
+        if end == open + 1 || end >= b.len() || !is_quote(b[end]) {
+            continue;
+        }
+        if assigned_to_secret_name(b, open) {
+            spans.push((open + 1, end));
+            from = end + 1;
+        }
+    }
+    spans
+}
+
+/// Whether the quote at `open` ends `NAME ["']? \s* (= | : | := | =>) \s* [bru]?`
+/// with a secret-bearing NAME.
+fn assigned_to_secret_name(b: &[u8], open: usize) -> bool {
+    let skip_space = |mut i: usize| {
+        while i > 0 && b[i - 1].is_ascii_whitespace() {
+            i -= 1;
+        }
+        i
+    };
+    let mut i = open;
+    if i > 0 && matches!(b[i - 1].to_ascii_lowercase(), b'b' | b'r' | b'u') {
+        i -= 1;
+    }
+    i = skip_space(i);
+    match i.checked_sub(1).map(|j| b[j]) {
+        Some(b'=') => {
+            i -= 1;
+            if i > 0 && b[i - 1] == b':' {
+                i -= 1;
+            }
+        }
+        Some(b'>') if i >= 2 && b[i - 2] == b'=' => i -= 2,
+        Some(b':') => i -= 1,
+        _ => return false,
+    }
+    i = skip_space(i);
+    if i > 0 && (b[i - 1] == b'"' || b[i - 1] == b'\'') {
+        i -= 1;
+    }
+    let name_end = i;
+    while i > 0 && (b[i - 1].is_ascii_alphanumeric() || matches!(b[i - 1], b'_' | b'.' | b'-')) {
+        i -= 1;
+    }
+    let name = &b[i..name_end];
+    SECRET_NAME_WORDS
+        .iter()
+        .any(|w| name.windows(w.len()).any(|win| win.eq_ignore_ascii_case(w)))
 }
 
 /// A value worth redacting: long enough, letters and digits mixed, high
@@ -343,6 +429,36 @@ mod tests {
         let (out, counts) = redact("a_secret = 'Zx81Qw72Er63'\nb_token: \"Mn5Bv4Cx3Lk2\"\n");
         assert_eq!(out, "a_secret = '<SECRET>'\nb_token: \"<SECRET>\"\n");
         assert_eq!(counts[SecretKind::Assignment as usize], 2);
+    }
+
+    /// The hand-written matcher finds what the regex it documents finds.
+    #[test]
+    fn assignment_matcher_agrees_with_its_regex() {
+        let regex = Regex::new(
+            r#"(?i)(?:password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|auth_?key|credential)[a-z0-9_.\-]*["']?\s*(?::=|=>|=|:)\s*[bru]?["']([^"'\s]+)["']"#,
+        )
+        .unwrap();
+        let texts = [
+            "DB_PASSWORD = \"abc\"",
+            "db.password=r'x1'",
+            "if password == \"abc\": pass",
+            "{'Api_Key': 'v', \"authKey\" : \"w\"}",
+            "token := \"t\"; SECRET => 'u'",
+            "my_token_file = \"two words\"",
+            "name = \"token\"",
+            "password = \"\"",
+            "password\n  =\n  b\"multi\"",
+            "x = 'a' + password + 'b'",
+            "credentials: \"c\" 'd'",
+        ];
+        for text in texts {
+            let expected: Vec<(usize, usize)> = regex
+                .captures_iter(text)
+                .filter_map(|c| c.get(1))
+                .map(|m| (m.start(), m.end()))
+                .collect();
+            assert_eq!(assignment_values(text), expected, "{text:?}");
+        }
     }
 
     #[test]

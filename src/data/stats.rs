@@ -29,7 +29,8 @@ pub struct Stats {
     /// `train` and `eval`.
     pub splits: BTreeMap<String, SplitStats>,
     pub near_dedup: Option<NearDedupParams>,
-    /// Wall-clock `total`; the stages are CPU seconds summed over threads.
+    /// Wall-clock `total`; the stages (walk, read, filter, redact, minhash,
+    /// sha256, tokenize, dedup, write) are CPU seconds summed over threads.
     pub timings_s: BTreeMap<String, f64>,
     pub throughput: Throughput,
     pub warnings: Vec<String>,

@@ -64,9 +64,9 @@ impl Default for WalkOptions {
 /// A repository: the unit of the train/eval split.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Repo {
-    pub name: String,
+    pub name: Arc<str>,
     /// SPDX id, when its licence file was recognised.
-    pub license: Option<String>,
+    pub license: Option<Arc<str>>,
 }
 
 /// One unit of work, in input order.
@@ -173,8 +173,8 @@ impl<'a> DirWalk<'a> {
             });
         let root_name = name.map(str::to_string).unwrap_or_else(|| dir_name(root));
         let root_repo = Arc::new(Repo {
-            name: root_name,
-            license: license::detect_in_dir(root),
+            name: root_name.into(),
+            license: license::detect_in_dir(root).map(Arc::from),
         });
         DirWalk {
             inner: builder.build(),
@@ -204,8 +204,8 @@ impl<'a> DirWalk<'a> {
             if entry.depth() > 0 && path.join(".git").exists() {
                 self.repo_for(path);
                 let repo = Arc::new(Repo {
-                    name: dir_name(path),
-                    license: license::detect_in_dir(path),
+                    name: dir_name(path).into(),
+                    license: license::detect_in_dir(path).map(Arc::from),
                 });
                 self.repos.push((path.to_path_buf(), repo));
             }
