@@ -1024,14 +1024,17 @@ fn bad_inputs_are_clear_errors() {
 }
 
 /// A run killed mid-way leaves no Parquet file at a final name. The second
-/// input is a FIFO nobody writes to, so the run stalls after the first batch
-/// of the directory has gone to the writer; the test kills it there.
+/// input is a FIFO nobody writes to, so the run stalls after the first
+/// batches of the directory have gone to the writer; the test kills it there.
 #[test]
 fn killed_run_leaves_no_final_parquet() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("big");
     let mut gen = CodeGen::new(13);
-    for i in 0..700 {
+    // Three batches of files: the walk of the next batch overlaps judging
+    // of the current one, so the FIFO (read after the third batch) stalls
+    // the run only once the first batch has reached the writer.
+    for i in 0..1300 {
         write(
             &src.join(format!("d{}/f{i}.py", i % 10)),
             join(&gen.file(20)),

@@ -44,6 +44,8 @@ pub enum IngestError {
     UnknownLanguage { name: String, known: String },
     #[error("the Parquet writer thread stopped unexpectedly")]
     WriterGone,
+    #[error("starting the Parquet writer thread: {0}")]
+    WriterThread(std::io::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -583,25 +585,27 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(dir: &Path, with_tokens: bool, shard_bytes: u64) -> Self {
+    fn start(dir: &Path, with_tokens: bool, shard_bytes: u64) -> Result<Self, IngestError> {
         let (tx, rx) = sync_channel::<(Split, Vec<Row>)>(WRITER_QUEUE);
         let mut train = ShardWriter::new(dir, "train", with_tokens, shard_bytes);
         let mut eval = ShardWriter::new(dir, "eval", with_tokens, shard_bytes);
-        let thread = std::thread::spawn(move || {
-            for (split, rows) in rx {
-                match split {
-                    Split::Train => train.write(&rows)?,
-                    Split::Eval => eval.write(&rows)?,
+        let thread = std::thread::Builder::new()
+            .name("ingest-writer".into())
+            .spawn(move || {
+                for (split, rows) in rx {
+                    match split {
+                        Split::Train => train.write(&rows)?,
+                        Split::Eval => eval.write(&rows)?,
+                    }
                 }
-            }
-            let files = (train.finish()?, eval.finish()?);
-            // The thread only writes: its CPU time is the write stage.
-            Ok((files.0, files.1, thread_cpu_ns() as f64 * 1e-9))
-        });
-        Writer {
+                let files = (train.finish()?, eval.finish()?);
+                // The thread only writes: its CPU time is the write stage.
+                Ok((files.0, files.1, thread_cpu_ns() as f64 * 1e-9))
+            });
+        Ok(Writer {
             queue: Some(tx),
-            thread: Some(thread),
-        }
+            thread: Some(thread.map_err(IngestError::WriterThread)?),
+        })
     }
 
     fn send(&mut self, split: Split, rows: Vec<Row>) -> Result<(), IngestError> {
@@ -627,6 +631,31 @@ impl Writer {
             Err(_) => Err(IngestError::WriterGone),
         }
     }
+}
+
+type ItemIter<'a> = Box<dyn Iterator<Item = Result<Item, IngestError>> + Send + 'a>;
+
+/// The next batch of items: up to `BATCH_ITEMS`, or fewer once their size
+/// on disk reaches `BATCH_BYTES`; empty when the inputs are exhausted.
+fn next_batch(
+    items: &mut impl Iterator<Item = Result<Item, IngestError>>,
+    walk_nanos: &AtomicU64,
+) -> Result<Vec<Item>, IngestError> {
+    let t = thread_cpu_ns();
+    let mut batch = Vec::with_capacity(BATCH_ITEMS);
+    let mut bytes = 0u64;
+    while batch.len() < BATCH_ITEMS && bytes < BATCH_BYTES {
+        let Some(item) = items.next() else { break };
+        let item = item?;
+        bytes += match &item {
+            Item::File(f) => f.size,
+            Item::Record(r) => r.content.len() as u64,
+            Item::Skip(_) => 0,
+        };
+        batch.push(item);
+    }
+    walk_nanos.fetch_add(thread_cpu_ns().saturating_sub(t), Ordering::Relaxed);
+    Ok(batch)
 }
 
 /// Runs the pipeline, writing shards into `staging` (which the caller
@@ -681,57 +710,40 @@ pub fn run(
         repos: [HashSet::new(), HashSet::new()],
         dedup_nanos: 0,
     };
-    let mut writer = Writer::start(staging, tokenizer.is_some(), config.shard_bytes);
+    let mut writer = Writer::start(staging, tokenizer.is_some(), config.shard_bytes)?;
     let mut progress = Progress::default();
-    let mut batch: Vec<Item> = Vec::with_capacity(BATCH_ITEMS);
-    let mut batch_bytes = 0u64;
-
-    let mut flush = |batch: &mut Vec<Item>,
-                     ledger: &mut Ledger,
-                     writer: &mut Writer|
-     -> Result<(), IngestError> {
-        let judged: Vec<Judged> = batch
-            .par_drain(..)
-            .map_init(Vec::new, |scratch, item| judge.judge(item, scratch))
-            .collect::<Result<_, _>>()?;
-        let (train, eval) = ledger.absorb(judged, &mut progress);
-        writer.send(Split::Train, train)?;
-        writer.send(Split::Eval, eval)?;
-        on_progress(progress);
-        Ok(())
-    };
-
-    let mut walk_nanos = 0u64;
-    for input in inputs {
-        let items: Box<dyn Iterator<Item = Result<Item, IngestError>>> = match input {
+    let walk_nanos = AtomicU64::new(0);
+    let mut items = inputs.iter().flat_map(|input| -> ItemIter<'_> {
+        match input {
             Input::Dir { path, name } => Box::new(
                 DirWalk::new(path, name.as_deref(), &config.walk, table, &selection).map(Ok),
             ),
-            Input::Dataset { path, format } => {
-                Box::new(DatasetReader::open(path, *format)?.map(|r| r.map_err(IngestError::from)))
-            }
-        };
-        let mut items = items;
-        loop {
-            // Walking and dataset decoding run on this thread, between batches.
-            let t = thread_cpu_ns();
-            let next = items.next();
-            walk_nanos += thread_cpu_ns().saturating_sub(t);
-            let Some(item) = next else { break };
-            let item = item?;
-            batch_bytes += match &item {
-                Item::File(f) => f.size,
-                Item::Record(r) => r.content.len() as u64,
-                Item::Skip(_) => 0,
-            };
-            batch.push(item);
-            if batch.len() >= BATCH_ITEMS || batch_bytes >= BATCH_BYTES {
-                flush(&mut batch, &mut ledger, &mut writer)?;
-                batch_bytes = 0;
-            }
+            Input::Dataset { path, format } => match DatasetReader::open(path, *format) {
+                Ok(reader) => Box::new(reader.map(|r| r.map_err(IngestError::from))),
+                Err(e) => Box::new(std::iter::once(Err(e.into()))),
+            },
         }
+    });
+    // Walking (and dataset decoding) of the next batch overlaps judging of
+    // this one; the ledger then takes the judgements in input order.
+    let mut batch = next_batch(&mut items, &walk_nanos)?;
+    while !batch.is_empty() {
+        let (judged, next) = rayon::join(
+            || -> Result<Vec<Judged>, IngestError> {
+                batch
+                    .into_par_iter()
+                    .map_init(Vec::new, |scratch, item| judge.judge(item, scratch))
+                    .collect()
+            },
+            || next_batch(&mut items, &walk_nanos),
+        );
+        let (train, eval) = ledger.absorb(judged?, &mut progress);
+        writer.send(Split::Train, train)?;
+        writer.send(Split::Eval, eval)?;
+        on_progress(progress);
+        batch = next?;
     }
-    flush(&mut batch, &mut ledger, &mut writer)?;
+    let walk_nanos = walk_nanos.into_inner();
     let (train_files, eval_files, write_s) = writer.finish()?;
 
     let total = started.elapsed().as_secs_f64();
