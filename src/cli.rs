@@ -26,6 +26,10 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Turn code directories, git repositories and code datasets into clean,
     /// deduplicated, secret-free Parquet shards for fine-tuning.
+    ///
+    /// Writes OUT_DIR/train-NNNNN-of-NNNNN.parquet, eval-*.parquet and
+    /// stats.json (counts by drop reason, secret kind, language and split).
+    /// --threads sets the worker threads (default: one per core).
     Ingest(IngestArgs),
 }
 

@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use arrow_array::Array;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::inspect::human_bytes;
 use super::Outcome;
 use crate::cli::{DedupArg, IngestArgs, SplitByArg};
 use crate::data::dataset::DatasetFormat;
@@ -300,9 +299,9 @@ pub fn print_summary(stats: &Stats, out_dir: &Path, out: &mut impl Write) -> std
     )?;
     writeln!(
         out,
-        "bytes        {} read, {} kept",
-        human_bytes(stats.bytes.read),
-        human_bytes(stats.bytes.kept)
+        "bytes        {:.1} MB read, {:.1} MB kept",
+        mb(stats.bytes.read),
+        mb(stats.bytes.kept)
     )?;
     if let Some(total) = stats.timings_s.get("total") {
         writeln!(

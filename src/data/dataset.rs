@@ -14,7 +14,8 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use parquet::arrow::ProjectionMask;
 use serde::Deserialize;
 
-use super::walk::{dir_name, Item, RecordItem, Repo};
+use super::filter::DropReason;
+use super::walk::{dir_name, Item, RecordItem, Repo, SkipItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
@@ -350,14 +351,18 @@ impl ParquetReader {
                     self.row += 1;
                     let text =
                         |col: Option<usize>| col.and_then(|c| string_at(batch.column(c), row));
-                    let Some(content) = text(Some(self.columns.content)) else {
-                        // A null content is no file; nothing to count it as.
-                        continue;
-                    };
-                    let content = content.to_string();
                     let path = text(self.columns.path)
                         .map(str::to_string)
                         .unwrap_or_else(|| format!("row-{}", self.rows_before + row as u64));
+                    let Some(content) = text(Some(self.columns.content)) else {
+                        return Some(Ok(Item::Skip(SkipItem {
+                            reason: DropReason::Empty,
+                            path: format!("{}: {path}", self.path.display()),
+                            bytes: 0,
+                            detail: Some("null content".into()),
+                        })));
+                    };
+                    let content = content.to_string();
                     let language = text(self.columns.language).map(str::to_string);
                     let (repo, license) = (text(self.columns.repo), text(self.columns.license));
                     let repo = self.repos.get(repo, license);

@@ -787,14 +787,14 @@ pub fn run(
     let train_repos = ledger.repos[0].len();
     let eval_repos = ledger.repos[1].len();
     if config.eval_fraction > 0.0 && stats.files.kept > 0 && eval_repos == 0 {
+        let what = match (config.split_by, train_repos) {
+            (SplitBy::File, _) => "every file",
+            (SplitBy::Repo, 1) => "the only repository",
+            (SplitBy::Repo, _) => "every repository",
+        };
         stats.warnings.push(format!(
-            "the eval split is empty: {train_repos} {} all hashed into train; \
-             use --split-by file, or more repositories",
-            if config.split_by == SplitBy::Repo {
-                "repositories"
-            } else {
-                "files"
-            }
+            "the eval split is empty: {what} hashed into train \
+             (use --split-by file, more repositories, or another --split-seed)"
         ));
     }
     if stats.files.kept > 0 && train_repos == 0 {
