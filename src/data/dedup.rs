@@ -214,15 +214,19 @@ fn for_each_token(bytes: &[u8], mut f: impl FnMut(usize, usize)) {
     let mut start = 0usize;
     let mut block_start = 0usize;
     for block in bytes.chunks(64) {
+        // Byte-wide flags (a vectorised loop; zero padding is no token),
+        // then gathered to bits eight at a time by a multiplication.
+        let mut bytes = [0u8; 64];
+        bytes[..block.len()].copy_from_slice(block);
+        let mut flags = [0u8; 64];
+        for (flag, &b) in flags.iter_mut().zip(&bytes) {
+            *flag = is_token_byte(b) as u8;
+        }
         let mut mask = 0u64;
-        if let Ok(full) = <&[u8; 64]>::try_from(block) {
-            for (i, &b) in full.iter().enumerate() {
-                mask |= (is_token_byte(b) as u64) << i;
-            }
-        } else {
-            for (i, &b) in block.iter().enumerate() {
-                mask |= (is_token_byte(b) as u64) << i;
-            }
+        for (k, group) in flags.chunks_exact(8).enumerate() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(group);
+            mask |= (u64::from_le_bytes(word).wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * k);
         }
         // Bit i set where byte i differs from the byte before it.
         let mut edges = mask ^ ((mask << 1) | in_token as u64);

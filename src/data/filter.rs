@@ -95,46 +95,57 @@ pub struct TextMetrics {
 }
 
 impl TextMetrics {
-    /// Line by line: ASCII lines (nearly all of source code) are measured
-    /// on bytes with vectorisable loops, other lines character by character.
-    /// Line lengths exclude the `\n` (and a `\r` before it, so CRLF files are
+    /// One pass over 64-byte blocks: bitmasks of newlines, ASCII
+    /// alphanumerics and UTF-8 continuation bytes (vector compares), then
+    /// popcounts; only non-ASCII characters are decoded, to ask Unicode
+    /// whether they are alphanumeric. Lengths are in characters. Line
+    /// lengths exclude the `\n` (and a `\r` before it, so CRLF files are
     /// not penalised).
     pub fn of(text: &str) -> Self {
         let bytes = text.as_bytes();
-        let mut n_chars = 0usize;
         let mut n_alnum = 0usize;
         let mut n_lines = 0usize;
         let mut sum_line_len = 0usize;
         let mut max_line_len = 0usize;
-        let mut start = 0;
-        while start < bytes.len() {
-            let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i);
-            let line = &bytes[start..end];
-            let (chars, alnum) = if line.is_ascii() {
-                let alnum = line.iter().filter(|&&b| b.is_ascii_alphanumeric()).count();
-                (line.len(), alnum)
-            } else {
-                // Line boundaries are ASCII, so the slice is valid UTF-8.
-                let line = &text[start..end];
-                (
-                    line.chars().count(),
-                    line.chars().filter(|c| c.is_alphanumeric()).count(),
-                )
-            };
-            let len = if line.last() == Some(&b'\r') {
-                chars - 1
-            } else {
-                chars
-            };
+        // Characters before the current block, and where the current line starts.
+        let mut chars_before = 0usize;
+        let mut line_start = 0usize;
+        let mut end_line = |len: usize| {
             max_line_len = max_line_len.max(len);
             sum_line_len += len;
-            n_chars += chars;
-            n_alnum += alnum;
             n_lines += 1;
-            if end < bytes.len() {
-                n_chars += 1; // the newline
+        };
+        for (block_index, block) in bytes.chunks(64).enumerate() {
+            let offset = block_index * 64;
+            let masks = BlockMasks::of(block);
+            n_alnum += masks.ascii_alnum.count_ones() as usize;
+            let mut leads = masks.non_ascii & !masks.continuation;
+            while leads != 0 {
+                let i = leads.trailing_zeros() as usize;
+                leads &= leads - 1;
+                // A lead byte starts a character: a valid slice start.
+                if let Some(c) = text[offset + i..].chars().next() {
+                    n_alnum += c.is_alphanumeric() as usize;
+                }
             }
-            start = end + 1;
+            let mut newlines = masks.newline;
+            while newlines != 0 {
+                let i = newlines.trailing_zeros() as usize;
+                newlines &= newlines - 1;
+                let continuations_before =
+                    (masks.continuation & ((1u64 << i) - 1)).count_ones() as usize;
+                let newline_char = chars_before + i - continuations_before;
+                let cr = offset + i > 0 && bytes[offset + i - 1] == b'\r';
+                end_line(newline_char - line_start - cr as usize);
+                line_start = newline_char + 1;
+            }
+            chars_before += block.len() - masks.continuation.count_ones() as usize;
+        }
+        let n_chars = chars_before;
+        if line_start < n_chars {
+            // A last line without a newline.
+            let cr = bytes.last() == Some(&b'\r');
+            end_line(n_chars - line_start - cr as usize);
         }
         TextMetrics {
             n_chars,
@@ -152,6 +163,54 @@ impl TextMetrics {
             },
         }
     }
+}
+
+/// Per-byte facts of one block of up to 64 bytes, bit i for byte i.
+struct BlockMasks {
+    newline: u64,
+    ascii_alnum: u64,
+    non_ascii: u64,
+    /// UTF-8 continuation bytes (`10xxxxxx`): not the start of a character.
+    continuation: u64,
+}
+
+impl BlockMasks {
+    #[inline(always)]
+    fn of(block: &[u8]) -> Self {
+        // Zero padding sets no flag.
+        let mut bytes = [0u8; 64];
+        bytes[..block.len()].copy_from_slice(block);
+        let (mut newline, mut alnum, mut non_ascii, mut continuation) =
+            ([0u8; 64], [0u8; 64], [0u8; 64], [0u8; 64]);
+        // Byte-wide flags first (a plain vectorised loop), then packed to bits.
+        for i in 0..64 {
+            let b = bytes[i];
+            newline[i] = (b == b'\n') as u8;
+            alnum[i] = ((b.wrapping_sub(b'0') < 10) | ((b | 0x20).wrapping_sub(b'a') < 26)) as u8;
+            non_ascii[i] = b >> 7;
+            continuation[i] = (b & 0xc0 == 0x80) as u8;
+        }
+        BlockMasks {
+            newline: pack_flags(&newline),
+            ascii_alnum: pack_flags(&alnum),
+            non_ascii: pack_flags(&non_ascii),
+            continuation: pack_flags(&continuation),
+        }
+    }
+}
+
+/// 64 bytes of 0/1 to 64 bits: each group of 8 bytes is gathered into one
+/// byte by a multiplication (byte j's low bit lands in bit 56 + j).
+#[inline(always)]
+fn pack_flags(flags: &[u8; 64]) -> u64 {
+    let mut mask = 0u64;
+    for (k, group) in flags.chunks_exact(8).enumerate() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(group);
+        let bits = u64::from_le_bytes(word).wrapping_mul(0x0102_0408_1020_4080) >> 56;
+        mask |= bits << (8 * k);
+    }
+    mask
 }
 
 /// Markers StarCoder used to spot generated files, searched (lower-cased) in
@@ -238,6 +297,66 @@ mod tests {
             (empty.n_lines, empty.n_chars, empty.max_line_len),
             (0, 0, 0)
         );
+    }
+
+    /// The block implementation against a plain line-by-line one.
+    #[test]
+    fn metrics_match_a_line_by_line_reference() {
+        fn reference(text: &str) -> TextMetrics {
+            let lines: Vec<&str> = if text.is_empty() {
+                Vec::new()
+            } else {
+                text.strip_suffix('\n')
+                    .unwrap_or(text)
+                    .split('\n')
+                    .collect()
+            };
+            let lens: Vec<usize> = lines
+                .iter()
+                .map(|l| l.strip_suffix('\r').unwrap_or(l).chars().count())
+                .collect();
+            let n_chars = text.chars().count();
+            TextMetrics {
+                n_chars,
+                n_lines: lines.len(),
+                max_line_len: lens.iter().copied().max().unwrap_or(0),
+                mean_line_len: if lines.is_empty() {
+                    0.0
+                } else {
+                    lens.iter().sum::<usize>() as f64 / lines.len() as f64
+                },
+                alnum_frac: if n_chars == 0 {
+                    0.0
+                } else {
+                    text.chars().filter(|c| c.is_alphanumeric()).count() as f64 / n_chars as f64
+                },
+            }
+        }
+        let alphabet = [
+            'a', 'Z', '0', '_', ' ', '\t', '\n', '\n', '\r', 'é', '中', '¹', '—', '😀', ';',
+        ];
+        let mut state = 12345u64;
+        for len in (0..300).chain([1000, 4096]) {
+            let text: String = (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    alphabet[(state >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            let (got, want) = (TextMetrics::of(&text), reference(&text));
+            assert_eq!(
+                (got.n_chars, got.n_lines, got.max_line_len),
+                (want.n_chars, want.n_lines, want.max_line_len),
+                "{text:?}"
+            );
+            assert!(
+                (got.mean_line_len - want.mean_line_len).abs() < 1e-9,
+                "{text:?}"
+            );
+            assert!((got.alnum_frac - want.alnum_frac).abs() < 1e-9, "{text:?}");
+        }
     }
 
     #[test]
