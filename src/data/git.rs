@@ -37,7 +37,7 @@ pub fn repo_name(url: &str) -> String {
 }
 
 /// A clone that lives as long as this value.
-pub struct Clone {
+pub struct ClonedRepo {
     _dir: tempfile::TempDir,
     pub path: PathBuf,
     pub name: String,
@@ -45,7 +45,7 @@ pub struct Clone {
 
 /// `git clone --depth 1 URL` into a temporary directory, non-interactive
 /// (no credential prompts) and killed after `timeout`.
-pub fn clone(url: &str, timeout: Duration) -> Result<Clone, GitError> {
+pub fn clone(url: &str, timeout: Duration) -> Result<ClonedRepo, GitError> {
     let dir = tempfile::Builder::new()
         .prefix("qcoder-clone-")
         .tempdir()
@@ -56,7 +56,7 @@ pub fn clone(url: &str, timeout: Duration) -> Result<Clone, GitError> {
     let name = repo_name(url);
     let path = dir.path().join(&name);
     run_clone(url, &path, timeout)?;
-    Ok(Clone {
+    Ok(ClonedRepo {
         _dir: dir,
         path,
         name,
