@@ -31,6 +31,13 @@ pub enum Command {
     /// Evaluate one or more models on held-out code side by side (perplexity),
     /// write report.json and report.md, and exit 1 when a --gate fails.
     Eval(EvalArgs),
+    /// Turn code directories, git repositories and code datasets into clean,
+    /// deduplicated, secret-free Parquet shards for fine-tuning.
+    ///
+    /// Writes OUT_DIR/train-NNNNN-of-NNNNN.parquet, eval-*.parquet and
+    /// stats.json (counts by drop reason, secret kind, language and split).
+    /// --threads sets the worker threads (default: one per core).
+    Ingest(IngestArgs),
 }
 
 /// Where a model comes from and how it is run.
@@ -95,7 +102,8 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A model directory, a hub id, or a .safetensors file.
+    /// A model directory, a hub id, a .safetensors file, an ingest output
+    /// directory or a .parquet file.
     pub path: PathBuf,
 }
 
@@ -232,4 +240,138 @@ pub struct EvalArgs {
     /// Compute dtype: f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+// ---- qcoder ingest -------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupArg {
+    /// Keep every file.
+    None,
+    /// Drop files whose normalised text was seen before.
+    Exact,
+    /// Exact, then MinHash LSH near-duplicates.
+    Near,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitByArg {
+    /// Whole repositories go to train or eval (no leakage between them).
+    Repo,
+    /// Each file is assigned on its own.
+    File,
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Directories, local git repositories, git URLs (cloned with the system
+    /// `git`), or dataset files (.jsonl, .jsonl.gz, .parquet with a `content`
+    /// column).
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<String>,
+
+    /// Output directory; refused if it exists, unless --overwrite.
+    #[arg(long, short = 'o', value_name = "OUT_DIR")]
+    pub output: PathBuf,
+
+    /// Replace an existing output directory (only one holding a previous
+    /// ingest output, or an empty one).
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Skip files larger than this (1MB = 10^6 bytes, 1MiB = 2^20).
+    #[arg(long, default_value = "1MB", value_parser = crate::data::parse_size)]
+    pub max_file_size: u64,
+
+    /// Skip files with a line longer than this many characters.
+    #[arg(long, default_value_t = 1000)]
+    pub max_line_length: usize,
+
+    /// Skip files whose mean line length exceeds this.
+    #[arg(long, default_value_t = 100.0)]
+    pub max_mean_line_length: f64,
+
+    /// Skip files with a smaller fraction of alphanumeric characters.
+    #[arg(long, default_value_t = 0.25)]
+    pub min_alnum_fraction: f64,
+
+    /// Keep files whose header says they are generated ("DO NOT EDIT", ...).
+    #[arg(long)]
+    pub keep_generated: bool,
+
+    /// Keep minified files (*.min.js, one-line bundles).
+    #[arg(long)]
+    pub keep_minified: bool,
+
+    /// Keep data formats (JSON, CSV, notebooks, SVG).
+    #[arg(long)]
+    pub include_data: bool,
+
+    /// Only these languages (names from the language table, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub languages: Vec<String>,
+
+    /// A language table replacing the built-in datasets/languages.toml.
+    #[arg(long, value_name = "FILE")]
+    pub language_table: Option<PathBuf>,
+
+    /// Walk hidden files and directories too (.git is always skipped).
+    #[arg(long)]
+    pub include_hidden: bool,
+
+    /// Walk dependency and build directories too (node_modules, vendor,
+    /// third_party, site-packages, build, dist, target, virtualenvs, ...).
+    #[arg(long)]
+    pub include_vendored: bool,
+
+    /// Ignore .gitignore / .ignore files.
+    #[arg(long)]
+    pub no_gitignore: bool,
+
+    /// Follow symbolic links (loops are detected and counted).
+    #[arg(long)]
+    pub follow_symlinks: bool,
+
+    /// Deduplication.
+    #[arg(long, value_enum, default_value_t = DedupArg::Near)]
+    pub dedup: DedupArg,
+
+    /// Jaccard similarity above which two files are near-duplicates.
+    #[arg(long, default_value_t = 0.85)]
+    pub near_threshold: f64,
+
+    /// MinHash permutations (a multiple of 16).
+    #[arg(long, default_value_t = 256)]
+    pub num_perm: usize,
+
+    /// Tokens per shingle for MinHash.
+    #[arg(long, default_value_t = 5)]
+    pub shingle_size: usize,
+
+    /// Leave e-mail addresses in (secrets are always redacted).
+    #[arg(long)]
+    pub keep_emails: bool,
+
+    /// Fraction of repositories (or files) for the eval split.
+    #[arg(long, default_value_t = 0.02)]
+    pub eval_fraction: f64,
+
+    /// What the eval split is drawn by.
+    #[arg(long, value_enum, default_value_t = SplitByArg::Repo)]
+    pub split_by: SplitByArg,
+
+    /// Seed of the split hash; another seed draws another split.
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+
+    /// Target size of one Parquet shard.
+    #[arg(long, default_value = "256MB", value_parser = crate::data::parse_size)]
+    pub shard_size: u64,
+
+    /// Count tokens with this tokenizer (tokenizer.json, a model directory
+    /// or a hub id) into an `n_tokens` column.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+
+    /// Seconds to wait for a `git clone` of a URL input.
+    #[arg(long, default_value_t = 600)]
+    pub clone_timeout: u64,
 }

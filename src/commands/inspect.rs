@@ -1,4 +1,5 @@
-//! `qcoder inspect PATH`: what is in a model directory or safetensors file.
+//! `qcoder inspect PATH`: what is in a model directory or safetensors file,
+//! or in an ingest output directory or Parquet file.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -6,8 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::Outcome;
+use super::{ingest, Outcome};
 use crate::cli::InspectArgs;
+use crate::data::stats::STATS_FILE;
 use crate::model::weights::dtype_name;
 use crate::model::{self, hub, Checkpoint};
 
@@ -19,7 +21,12 @@ pub fn run(args: InspectArgs) -> Result<Outcome> {
         hub::resolve_model_dir(&path.to_string_lossy())?
     };
     let mut out = std::io::stdout().lock();
-    let result = if path.is_dir() {
+    let is_parquet = path.extension().is_some_and(|e| e == "parquet");
+    let result = if path.is_dir() && path.join(STATS_FILE).is_file() {
+        ingest::inspect_dir(&path, &mut out)
+    } else if path.is_file() && is_parquet {
+        ingest::inspect_parquet(&path, &mut out)
+    } else if path.is_dir() {
         inspect_model_dir(&path, &mut out)
     } else {
         inspect_safetensors(&path, &mut out)

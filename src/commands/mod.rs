@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod generate;
+pub mod ingest;
 pub mod inspect;
 pub mod quantize;
 
@@ -26,5 +27,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Ingest(args) => ingest::run(args, cli.threads),
     }
 }
