@@ -240,6 +240,8 @@ pub struct EvalArgs {
     /// Compute dtype: f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+}
+
 // ---- qcoder ingest -------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
