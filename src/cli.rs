@@ -154,8 +154,9 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 0.01)]
     pub damp: f64,
 
-    /// Calibration text: an ingest output directory, a .jsonl file with a
-    /// `content` field, a text file, or a directory of code. Required by GPTQ and AWQ.
+    /// Calibration text: an ingest output directory (its train split), a
+    /// .parquet or .jsonl dataset with a `content` column, a text file, or a
+    /// directory of code. Required by GPTQ and AWQ.
     #[arg(long)]
     pub calib: Option<PathBuf>,
 
@@ -204,8 +205,8 @@ pub struct EvalArgs {
     #[arg(long = "model", short = 'm', required = true)]
     pub models: Vec<String>,
 
-    /// Held-out code: a .jsonl file with a `content` field, a text file, or a
-    /// directory of code.
+    /// Held-out code: an ingest output directory (its eval split), a .parquet
+    /// or .jsonl dataset with a `content` column, a text file, or a directory of code.
     #[arg(long)]
     pub data: PathBuf,
 

@@ -9,11 +9,11 @@ use serde_json::json;
 
 use super::Outcome;
 use crate::cli::EvalArgs;
+use crate::data::texts::{read_texts, Split};
 use crate::device::{kind_name, parse_device, parse_kind};
 use crate::eval::gate::Gate;
 use crate::eval::ppl::{document_perplexity, Perplexity};
 use crate::model::{self, hub, LoadOptions};
-use crate::quant::calib::read_texts;
 use crate::tokenizer::CodeTokenizer;
 
 const TASKS: &[&str] = &["ppl"];
@@ -62,7 +62,7 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
             Ok((name, dir))
         })
         .collect::<Result<_>>()?;
-    let mut texts = read_texts(&args.data, MAX_TEXT_BYTES)?;
+    let mut texts = read_texts(&args.data, Split::Eval, MAX_TEXT_BYTES)?;
     if let Some(limit) = args.limit {
         texts.truncate(limit);
     }

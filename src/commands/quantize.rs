@@ -6,9 +6,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use super::inspect::human_bytes;
 use super::Outcome;
 use crate::cli::{QuantMethodArg, QuantizeArgs};
+use crate::data::texts::{read_texts, Split};
 use crate::device::parse_device;
 use crate::model::{self, hub};
-use crate::quant::calib::{read_texts, sample_windows};
+use crate::quant::calib::sample_windows;
 use crate::quant::checkpoint::QuantFormat;
 use crate::quant::run::{run as run_job, validate, Job};
 use crate::quant::{MethodKind, QuantSpec};
@@ -47,8 +48,8 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
         act_order: args.act_order,
         damp: args.damp,
     };
-    let max_shard_bytes = parse_size(&args.max_shard_size)
-        .with_context(|| format!("--max-shard-size {}", args.max_shard_size))?;
+    let max_shard_bytes = crate::data::parse_size(&args.max_shard_size)
+        .map_err(|e| anyhow::anyhow!("--max-shard-size {}: {e}", args.max_shard_size))?;
     if args.output.exists() && !args.overwrite {
         bail!(
             "{} exists; pass --overwrite to replace it",
@@ -91,7 +92,7 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
                 );
             }
             let tokenizer = CodeTokenizer::from_model_dir(&dir)?;
-            let texts = read_texts(path, MAX_CALIB_BYTES)?;
+            let texts = read_texts(path, Split::Train, MAX_CALIB_BYTES)?;
             let docs = texts
                 .iter()
                 .map(|t| tokenizer.encode(t, false))
@@ -181,27 +182,4 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
         format["quant_method"].as_str().unwrap_or("")
     );
     Ok(Outcome::Success)
-}
-
-/// "5GB", "500MB", "2GiB", "1000000" → bytes.
-pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .with_context(|| format!("'{text}' is not a size like 5GB"))?;
-    let mult = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        other => bail!("unknown size unit '{other}' (B, KB, MB, GB, KiB, MiB, GiB)"),
-    };
-    Ok((value * mult) as u64)
 }

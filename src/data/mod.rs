@@ -7,6 +7,7 @@
 //! dedup           → exact hash + MinHash LSH near-duplicates
 //! shards          → Parquet output, HF `datasets` naming
 //! pipeline        → the stages wired together, parallel and deterministic
+//! texts           → documents for calibration and evaluation from any of those
 
 pub mod dataset;
 pub mod dedup;
@@ -18,6 +19,7 @@ pub mod pipeline;
 pub mod secrets;
 pub mod shards;
 pub mod stats;
+pub mod texts;
 pub mod walk;
 
 /// Parses a byte size: `1000000`, `1MB` (10^6), `1MiB` (2^20), `256M`, `2G`.

@@ -287,6 +287,11 @@ fn upper_cholesky_of_inverse(h: &Tensor, damp: f64, label: &str) -> Result<Tenso
             let r = l_flipped.flip([0, 1]);
             let u = r.linalg_solve_triangular(&eye, true, true, false);
             if u.isfinite().all().int64_value(&[]) != 0 {
+                if frac > damp {
+                    eprintln!(
+                        "note: {label}: the Hessian needed dampening {frac:.2} (not {damp:.2}) of its mean diagonal to factorise"
+                    );
+                }
                 return Ok(u);
             }
         }
