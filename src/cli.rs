@@ -98,6 +98,16 @@ pub struct GenerateArgs {
     /// Print one JSON object: token ids, text, stop reason, prefill and decode speed.
     #[arg(long)]
     pub json: bool,
+
+    /// Quantized checkpoints: run dequantized dense weights instead of the
+    /// int4 kernels.
+    #[arg(long)]
+    pub dequantize: bool,
+
+    /// Output head on the fast path: keep, int8 or int4 (default: int8 for
+    /// quantized checkpoints, keep otherwise).
+    #[arg(long, value_enum)]
+    pub head: Option<crate::infer::quantized::HeadQuant>,
 }
 
 #[derive(Debug, Args)]

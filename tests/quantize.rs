@@ -285,3 +285,65 @@ fn bad_quantize_input_is_refused_before_work() {
         &["exists", "--overwrite"],
     );
 }
+
+/// The int4 fast path computes what the dequantized f32 reference computes:
+/// the same greedy tokens, logits within 1e-3 (the kernels accumulate in
+/// their own blocked order; per layer the difference is ~1e-6 relative, see
+/// `infer::quantized` tests, and two layers of a tiny model amplify it little).
+#[test]
+fn fast_int4_path_matches_the_dequantized_reference() {
+    use qcoder::infer::quantized::FastPath;
+    use qcoder::infer::{generate, SamplingParams};
+    use qcoder::model::{load_dir, load_dir_with, LoadOptions};
+    use tch::{Device, Kind, Tensor};
+
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, extra) in [
+        (
+            "gptq-act",
+            &[
+                "--method",
+                "gptq",
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--act-order",
+            ][..],
+        ),
+        (
+            "awq",
+            &["--method", "awq", "--bits", "4", "--group-size", "32"][..],
+        ),
+    ] {
+        let dir = tmp.path().join(name);
+        let out = quantize(fixture("qwen2").to_str().unwrap(), &dir, extra);
+        assert!(out.status.success(), "{}", show(&out));
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        };
+        let reference = load_dir(&dir, opts).unwrap();
+        let fast_path = FastPath::new(false);
+        let fast = load_dir_with(&dir, opts, &fast_path).unwrap();
+        assert!(
+            fast.layers[0].mlp.down_proj.dense_weight().is_none(),
+            "{name}: not on the int4 kernels"
+        );
+        let prompt: Vec<i64> = (0..24).map(|i| (i * 37 % 480 + 10) as i64).collect();
+        let input = Tensor::from_slice(&prompt).unsqueeze(0);
+        let _guard = tch::no_grad_guard();
+        let a = reference.forward(&input, None).unwrap();
+        let b = fast.forward(&input, None).unwrap();
+        let diff = (&a - &b).abs().max().double_value(&[]);
+        println!("{name}: max |Δlogit| fast vs dequantized = {diff:.2e}");
+        assert!(diff < 1e-3, "{name}: {diff}");
+        let ids: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
+        let run = |m: &qcoder::model::CausalLm| {
+            generate(m, &ids, 16, &[], SamplingParams::default(), &mut |_| {})
+                .unwrap()
+                .tokens
+        };
+        assert_eq!(run(&reference), run(&fast), "{name}: greedy tokens differ");
+    }
+}

@@ -8,6 +8,7 @@ use serde_json::json;
 use super::Outcome;
 use crate::cli::GenerateArgs;
 use crate::device::{parse_device, parse_kind};
+use crate::infer::quantized::{quantize_head, FastPath, HeadQuant};
 use crate::infer::{generate, SamplingParams};
 use crate::model::{self, hub, LoadOptions};
 use crate::tokenizer::CodeTokenizer;
@@ -41,8 +42,13 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
             dir.join("config.json").display()
         );
     }
-    let model = model::load_dir(&dir, LoadOptions { device, kind })
-        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let model = load_for_inference(
+        &dir,
+        &config,
+        LoadOptions { device, kind },
+        args.dequantize,
+        args.head,
+    )?;
     let mut extra_stops = config.eos_token_ids();
     extra_stops.extend(model::generation_eos_ids(&dir)?);
     let stop_ids = tokenizer.stop_ids(&extra_stops);
@@ -122,4 +128,34 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
         );
     }
     Ok(Outcome::Success)
+}
+
+/// Loads a model for inference: a quantized checkpoint runs on the int4
+/// kernels (layers they cannot run fall back to dense, with a note) with an
+/// int8 output head unless told otherwise.
+pub fn load_for_inference(
+    dir: &std::path::Path,
+    config: &crate::model::ModelConfig,
+    opts: LoadOptions,
+    dequantize: bool,
+    head: Option<HeadQuant>,
+) -> Result<crate::model::CausalLm> {
+    let quantized = config.quantization_config.is_some();
+    let context = || format!("loading the model in {}", dir.display());
+    if !quantized || dequantize {
+        let mut model = model::load_dir(dir, opts).with_context(context)?;
+        if let Some(h) = head {
+            quantize_head(&mut model, h)
+                .with_context(|| "quantizing the output head".to_string())?;
+        }
+        return Ok(model);
+    }
+    let fast = FastPath::new(true);
+    let mut model = model::load_dir_with(dir, opts, &fast).with_context(context)?;
+    if let (n @ 1.., Some(reason)) = fast.fallbacks() {
+        eprintln!("note: {n} layers run dequantized (the int4 kernels cannot run them: {reason})");
+    }
+    quantize_head(&mut model, head.unwrap_or(HeadQuant::Int8))
+        .with_context(|| "quantizing the output head".to_string())?;
+    Ok(model)
 }

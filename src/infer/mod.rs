@@ -1,6 +1,7 @@
 //! Inference on top of the decoder: sampling and the generation loop.
 
 pub mod generate;
+pub mod quantized;
 pub mod sampling;
 
 pub use generate::{generate, Generated, StopReason};

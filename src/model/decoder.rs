@@ -12,6 +12,7 @@ use super::linear::{DenseLinear, Linear};
 use super::weights::Checkpoint;
 use super::ModelError;
 use crate::quant::checkpoint::{read_linear, QuantFormat};
+use crate::quant::QuantizedLinear;
 
 /// Where and in which dtype the weights live.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +28,41 @@ struct Loader<'a> {
     opts: LoadOptions,
     /// Set for GPTQ/AWQ checkpoints: linears stored as `qweight` etc.
     quant: Option<QuantFormat>,
+    /// What a quantized linear becomes.
+    layers: &'a dyn QuantizedLayers,
+}
+
+/// How the linears of a quantized checkpoint become layers: dequantized to
+/// dense weights (`Dequantize`, the default), or kept as integers on fast
+/// kernels (`infer::quantized::FastPath`).
+pub trait QuantizedLayers: Sync {
+    fn build(
+        &self,
+        name: &str,
+        q: QuantizedLinear,
+        opts: LoadOptions,
+    ) -> Result<Box<dyn Linear>, ModelError>;
+}
+
+/// Dense weights from the integers, once at load.
+pub struct Dequantize;
+
+impl QuantizedLayers for Dequantize {
+    fn build(
+        &self,
+        _name: &str,
+        q: QuantizedLinear,
+        opts: LoadOptions,
+    ) -> Result<Box<dyn Linear>, ModelError> {
+        let weight = q
+            .dequantize()
+            .f_to_device_(opts.device, opts.kind, false, false)?;
+        let bias = match &q.bias {
+            Some(b) => Some(b.f_to_device_(opts.device, opts.kind, false, false)?),
+            None => None,
+        };
+        Ok(Box::new(DenseLinear::new(weight, bias)))
+    }
 }
 
 impl<'a> Loader<'a> {
@@ -41,6 +77,7 @@ impl<'a> Loader<'a> {
             prefix,
             opts: self.opts,
             quant: self.quant,
+            layers: self.layers,
         }
     }
 
@@ -62,16 +99,8 @@ impl<'a> Loader<'a> {
                     self.prefix
                 ),
             })?;
-            // Dequantized once at load; the fast int4 path lives in `infer`.
             let q = read_linear(self.ckpt, &self.prefix, format, in_f, out_f, bias)?;
-            let weight =
-                q.dequantize()
-                    .f_to_device_(self.opts.device, self.opts.kind, false, false)?;
-            let bias = match &q.bias {
-                Some(b) => Some(b.f_to_device_(self.opts.device, self.opts.kind, false, false)?),
-                None => None,
-            };
-            return Ok(Box::new(DenseLinear::new(weight, bias)));
+            return self.layers.build(&self.prefix, q, self.opts);
         }
         let (in_f, out_f) = (in_f as i64, out_f as i64);
         let weight = self.get("weight", &[out_f, in_f])?;
@@ -476,6 +505,17 @@ impl DecoderLayer {
         index: usize,
         opts: LoadOptions,
     ) -> Result<Self, ModelError> {
+        Self::load_with(config, ckpt, index, opts, &Dequantize)
+    }
+
+    /// As `load`, with quantized linears built by `layers`.
+    pub fn load_with(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        index: usize,
+        opts: LoadOptions,
+        layers: &dyn QuantizedLayers,
+    ) -> Result<Self, ModelError> {
         let bad_config = |msg: String| ModelError::Config {
             path: ckpt.root().join("config.json"),
             msg,
@@ -494,6 +534,7 @@ impl DecoderLayer {
             prefix: String::new(),
             opts,
             quant: QuantFormat::from_config(config).map_err(bad_config)?,
+            layers,
         };
         let layer = root.pp("model").pp("layers").pp(index);
         let attn = layer.pp("self_attn");
@@ -694,6 +735,16 @@ impl CausalLm {
         ckpt: &Checkpoint,
         opts: LoadOptions,
     ) -> Result<Self, ModelError> {
+        Self::load_with(config, ckpt, opts, &Dequantize)
+    }
+
+    /// As `load`, with quantized linears built by `layers`.
+    pub fn load_with(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        opts: LoadOptions,
+        layers: &dyn QuantizedLayers,
+    ) -> Result<Self, ModelError> {
         let arch = config.architecture()?;
         let bad_config = |msg: String| ModelError::Config {
             path: ckpt.root().join("config.json"),
@@ -707,13 +758,14 @@ impl CausalLm {
             prefix: String::new(),
             opts,
             quant: QuantFormat::from_config(config).map_err(bad_config)?,
+            layers,
         };
         let model = root.pp("model");
         let embed_tokens = model
             .pp("embed_tokens")
             .get("weight", &[config.vocab_size as i64, hidden as i64])?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(config, ckpt, i, opts))
+            .map(|i| DecoderLayer::load_with(config, ckpt, i, opts, layers))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = model.pp("norm").rms_norm(hidden, eps)?;
         let lm_head: Box<dyn Linear> = if config.tie_word_embeddings() {

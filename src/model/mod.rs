@@ -63,6 +63,8 @@ pub enum ModelError {
         len: usize,
         max: usize,
     },
+    #[error("{layer}: the fast int4 path cannot run this layer ({reason}); pass --allow-dequant to run it dequantized in f32")]
+    FastPath { layer: String, reason: String },
     #[error("the prompt is empty: give at least one token of context")]
     EmptyPrompt,
     #[error("token id {id} is outside the model's vocabulary of {vocab} (the tokenizer does not match the model?)")]
@@ -93,6 +95,17 @@ pub fn load_dir(dir: &Path, opts: LoadOptions) -> Result<CausalLm, ModelError> {
     let config = read_config(dir)?;
     let ckpt = Checkpoint::open_dir(dir)?;
     CausalLm::load(&config, &ckpt, opts)
+}
+
+/// As `load_dir`, with quantized linears built by `layers` (e.g. the int4 fast path).
+pub fn load_dir_with(
+    dir: &Path,
+    opts: LoadOptions,
+    layers: &dyn decoder::QuantizedLayers,
+) -> Result<CausalLm, ModelError> {
+    let config = read_config(dir)?;
+    let ckpt = Checkpoint::open_dir(dir)?;
+    CausalLm::load_with(&config, &ckpt, opts, layers)
 }
 
 /// End-of-sequence ids of `generation_config.json`, if the directory has one.
