@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod commands;
 pub mod device;
+pub mod gguf;
 pub mod infer;
 pub mod model;
 pub mod tokenizer;
