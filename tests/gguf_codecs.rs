@@ -35,7 +35,10 @@ fn check_file(asset: &str) {
         );
         *types.entry(t.ty.name()).or_insert(0) += 1;
     }
-    println!("{asset}: all {} tensors bit-identical; by type {types:?}", reference.len());
+    println!(
+        "{asset}: all {} tensors bit-identical; by type {types:?}",
+        reference.len()
+    );
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! One module per command: orchestration only; the numerics live in the
 //! library modules.
 
+pub mod export;
 pub mod generate;
+pub mod import;
 pub mod inspect;
+mod staging;
 
 use crate::cli::{Cli, Command};
 
@@ -22,5 +25,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Import(args) => import::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -19,7 +19,11 @@ pub unsafe trait Block: Copy + Default {
 
 /// Views bytes as blocks. `bytes.len()` must be a multiple of `B::SIZE`.
 pub fn as_blocks<B: Block>(bytes: &[u8]) -> &[B] {
-    assert_eq!(bytes.len() % B::SIZE, 0, "byte length is not a whole number of blocks");
+    assert_eq!(
+        bytes.len() % B::SIZE,
+        0,
+        "byte length is not a whole number of blocks"
+    );
     // SAFETY: `B` has alignment 1 and no invalid bit patterns (trait contract),
     // and the length is a whole number of blocks.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), bytes.len() / B::SIZE) }
@@ -28,12 +32,18 @@ pub fn as_blocks<B: Block>(bytes: &[u8]) -> &[B] {
 /// Views blocks as bytes (for writing them out).
 pub fn blocks_as_bytes<B: Block>(blocks: &[B]) -> &[u8] {
     // SAFETY: `B` is plain bytes without padding (trait contract).
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks)) }
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+    }
 }
 
 /// Views a mutable byte buffer as blocks.
 pub fn as_blocks_mut<B: Block>(bytes: &mut [u8]) -> &mut [B] {
-    assert_eq!(bytes.len() % B::SIZE, 0, "byte length is not a whole number of blocks");
+    assert_eq!(
+        bytes.len() % B::SIZE,
+        0,
+        "byte length is not a whole number of blocks"
+    );
     // SAFETY: as in `as_blocks`; the borrow is exclusive.
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<B>(), bytes.len() / B::SIZE) }
 }

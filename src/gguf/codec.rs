@@ -24,7 +24,9 @@ pub enum CodecError {
         row_len: usize,
         block: usize,
     },
-    #[error("{ty}: {got} bytes given for {rows} rows of {row_len} values, which take {want} bytes")]
+    #[error(
+        "{ty}: {got} bytes given for {rows} rows of {row_len} values, which take {want} bytes"
+    )]
     Size {
         ty: GgmlType,
         rows: usize,
@@ -46,7 +48,12 @@ pub fn row_bytes(ty: GgmlType, row_len: usize) -> Result<usize, CodecError> {
     Ok(row_len / ty.block_size() * ty.type_size())
 }
 
-fn check_sizes(ty: GgmlType, bytes: usize, values: usize, row_len: usize) -> Result<usize, CodecError> {
+fn check_sizes(
+    ty: GgmlType,
+    bytes: usize,
+    values: usize,
+    row_len: usize,
+) -> Result<usize, CodecError> {
     let row_b = row_bytes(ty, row_len)?;
     let rows = if row_len == 0 { 0 } else { values / row_len };
     if row_len == 0 || values % row_len != 0 || bytes != rows * row_b {
@@ -62,7 +69,12 @@ fn check_sizes(ty: GgmlType, bytes: usize, values: usize, row_len: usize) -> Res
 }
 
 /// Decodes `bytes` (whole rows of `row_len` values of type `ty`) into `out`.
-pub fn decode_rows(ty: GgmlType, bytes: &[u8], row_len: usize, out: &mut [f32]) -> Result<(), CodecError> {
+pub fn decode_rows(
+    ty: GgmlType,
+    bytes: &[u8],
+    row_len: usize,
+    out: &mut [f32],
+) -> Result<(), CodecError> {
     if !ty.can_decode() {
         return Err(CodecError::DecodeUnsupported(ty));
     }
@@ -78,14 +90,24 @@ pub fn decode_rows(ty: GgmlType, bytes: &[u8], row_len: usize, out: &mut [f32]) 
 }
 
 /// Decodes a whole tensor into a new vector.
-pub fn decode(ty: GgmlType, bytes: &[u8], row_len: usize, n_values: usize) -> Result<Vec<f32>, CodecError> {
+pub fn decode(
+    ty: GgmlType,
+    bytes: &[u8],
+    row_len: usize,
+    n_values: usize,
+) -> Result<Vec<f32>, CodecError> {
     let mut out = vec![0f32; n_values];
     decode_rows(ty, bytes, row_len, &mut out)?;
     Ok(out)
 }
 
 /// Encodes `values` (whole rows of `row_len`) as `ty` into `out`.
-pub fn encode_rows(ty: GgmlType, values: &[f32], row_len: usize, out: &mut [u8]) -> Result<(), CodecError> {
+pub fn encode_rows(
+    ty: GgmlType,
+    values: &[f32],
+    row_len: usize,
+    out: &mut [u8],
+) -> Result<(), CodecError> {
     if !ty.can_encode() {
         return Err(CodecError::EncodeUnsupported(ty));
     }
@@ -102,7 +124,11 @@ pub fn encode_rows(ty: GgmlType, values: &[f32], row_len: usize, out: &mut [u8])
 
 /// Encodes a whole tensor into a new byte vector.
 pub fn encode(ty: GgmlType, values: &[f32], row_len: usize) -> Result<Vec<u8>, CodecError> {
-    let rows = if row_len == 0 { 0 } else { values.len() / row_len };
+    let rows = if row_len == 0 {
+        0
+    } else {
+        values.len() / row_len
+    };
     let mut out = vec![0u8; rows * row_bytes(ty, row_len)?];
     encode_rows(ty, values, row_len, &mut out)?;
     Ok(out)
@@ -406,7 +432,8 @@ mod tests {
         // A deterministic spread of magnitudes, signs and a few outliers.
         (0..n)
             .map(|i| {
-                let t = (i as u32).wrapping_mul(2654435761).wrapping_add(seed) as f32 / u32::MAX as f32;
+                let t =
+                    (i as u32).wrapping_mul(2654435761).wrapping_add(seed) as f32 / u32::MAX as f32;
                 let v = (t - 0.5) * 0.2;
                 if i % 97 == 3 {
                     v * 10.0
@@ -455,7 +482,15 @@ mod tests {
     #[test]
     fn zeros_stay_zero() {
         let x = vec![0f32; 256];
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
             let y = decode(ty, &encode(ty, &x, 256).unwrap(), 256, 256).unwrap();
             assert!(y.iter().all(|v| *v == 0.0), "{ty}");
         }

@@ -165,7 +165,12 @@ fn make_qx_quants(nmax: i32, x: &[f32], levels: &mut [i8]) -> f32 {
 /// Shared first half of Q4_K and Q5_K: per-sub-block scale/min search, 6-bit
 /// quantization of scales and mins, and the final levels. Returns (d, dmin,
 /// packed scales, levels).
-fn quant_k_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; 2], [u8; 2], [u8; 12], [u8; QK_K]) {
+fn quant_k_scales_mins(
+    x: &[f32],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+) -> ([u8; 2], [u8; 2], [u8; 12], [u8; QK_K]) {
     let mut levels = [0u8; QK_K];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
@@ -181,8 +186,15 @@ fn quant_k_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; 2],
         for (w, &v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (scale, min) =
-            make_qkx2_quants(nmax, xs, &weights, &mut levels[32 * j..32 * j + 32], rmin, 0.1, nstep);
+        let (scale, min) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut levels[32 * j..32 * j + 32],
+            rmin,
+            0.1,
+            nstep,
+        );
         scales[j] = scale;
         mins[j] = min;
         if scale > max_scale {
@@ -192,7 +204,11 @@ fn quant_k_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> ([u8; 2],
             max_min = min;
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -269,7 +285,11 @@ pub fn quant_q6_k(x: &[f32], b: &mut BlockQ6K) {
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for ib in 0..16 {
-        let scale = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut levels[16 * ib..16 * ib + 16]);
+        let scale = make_qx_quants(
+            32,
+            &x[16 * ib..16 * ib + 16],
+            &mut levels[16 * ib..16 * ib + 16],
+        );
         scales[ib] = scale;
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
@@ -297,7 +317,10 @@ pub fn quant_q6_k(x: &[f32], b: &mut BlockQ6K) {
         }
     }
     for half in 0..2 {
-        let (ql, qh) = (&mut b.ql[64 * half..64 * half + 64], &mut b.qh[32 * half..32 * half + 32]);
+        let (ql, qh) = (
+            &mut b.ql[64 * half..64 * half + 64],
+            &mut b.qh[32 * half..32 * half + 32],
+        );
         let lv = &levels[128 * half..128 * half + 128];
         for l in 0..32 {
             let q = |k: usize| lv[l + 32 * k] as u8;
@@ -314,7 +337,15 @@ mod tests {
 
     #[test]
     fn nearest_int_rounds_half_to_even() {
-        for (x, want) in [(0.5, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (3.49, 3), (-7.7, -8)] {
+        for (x, want) in [
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (3.49, 3),
+            (-7.7, -8),
+        ] {
             assert_eq!(nearest_int(x), want, "{x}");
         }
     }

@@ -10,11 +10,13 @@
 
 pub mod blocks;
 pub mod codec;
+pub mod hf;
 pub mod keys;
 pub mod kquants;
 pub mod reader;
 pub mod types;
 pub mod value;
+pub mod vocab;
 
 use std::path::PathBuf;
 
@@ -26,13 +28,15 @@ pub use value::{Array, Value, ValueType};
 /// Errors of the GGUF module. Messages name the file, and the key or tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{}: {source}", path.display())]
+    // The inner errors are printed inline (and not exposed as `source`) so
+    // that `error: {:#}` shows each message once.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{}: {source}", path.display())]
-    Parse { path: PathBuf, source: ParseError },
+    #[error("{}: {error}", path.display())]
+    Parse { path: PathBuf, error: ParseError },
     #[error("{}: metadata key `{key}` is missing", path.display())]
     MissingKey { path: PathBuf, key: String },
     #[error("{}: metadata key `{key}` is {found}, expected {expected}", path.display())]
@@ -44,11 +48,11 @@ pub enum GgufError {
     },
     #[error("{}: tensor `{name}` is missing", path.display())]
     MissingTensor { path: PathBuf, name: String },
-    #[error("{}: tensor `{tensor}`: {source}", path.display())]
+    #[error("{}: tensor `{tensor}`: {error}", path.display())]
     Codec {
         path: PathBuf,
         tensor: String,
-        source: CodecError,
+        error: CodecError,
     },
     #[error("{}: {msg}", path.display())]
     Invalid { path: PathBuf, msg: String },

@@ -44,7 +44,9 @@ pub enum ParseError {
         need: u64,
         have: usize,
     },
-    #[error("{what} is {count}, which cannot fit in the {remaining} bytes left after byte {offset}")]
+    #[error(
+        "{what} is {count}, which cannot fit in the {remaining} bytes left after byte {offset}"
+    )]
     CountTooLarge {
         what: String,
         count: u64,
@@ -81,7 +83,9 @@ pub enum ParseError {
         offset: u64,
         alignment: u64,
     },
-    #[error("tensor `{tensor}` data ends at byte {end}, beyond the end of the file ({file_len} bytes)")]
+    #[error(
+        "tensor `{tensor}` data ends at byte {end}, beyond the end of the file ({file_len} bytes)"
+    )]
     DataBeyondEof {
         tensor: String,
         end: u128,
@@ -160,7 +164,10 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self, what: impl FnOnce() -> String) -> Result<[u8; N], ParseError> {
+    fn array<const N: usize>(
+        &mut self,
+        what: impl FnOnce() -> String,
+    ) -> Result<[u8; N], ParseError> {
         let s = self.take(N as u64, what)?;
         let mut a = [0u8; N];
         a.copy_from_slice(s);
@@ -244,7 +251,9 @@ fn read_value(c: &mut Cursor<'_>, key: &str) -> Result<Value, ParseError> {
         id: elem_id,
     })?;
     if elem == ValueType::Array {
-        return Err(ParseError::NestedArray { key: key.to_string() });
+        return Err(ParseError::NestedArray {
+            key: key.to_string(),
+        });
     }
     let n = c.count(elem.min_size(), &|| format!("length of array `{key}`"))?;
     // `n` items fit in the remaining bytes, so these allocations are bounded
@@ -377,7 +386,10 @@ impl Header {
             }
             let n_dims = c.u32(|| format!("dimension count of tensor `{name}`"))?;
             if n_dims as usize > MAX_DIMS {
-                return Err(ParseError::TooManyDims { tensor: name, n_dims });
+                return Err(ParseError::TooManyDims {
+                    tensor: name,
+                    n_dims,
+                });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
@@ -464,18 +476,18 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io {
+        let io = |error| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io)?;
         // SAFETY: read-only mapping of a file qcoder does not write while
         // reading it; a concurrent truncation by another process is the usual
         // mmap caveat, shared with every GGUF and safetensors reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let header = Header::parse(&mmap).map_err(|source| GgufError::Parse {
+        let header = Header::parse(&mmap).map_err(|error| GgufError::Parse {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -502,19 +514,21 @@ impl GgufFile {
     /// `dims[0]`, the same memory order as the HF tensor of the reversed shape).
     pub fn decode(&self, t: &TensorInfo) -> Result<Vec<f32>, GgufError> {
         codec::decode(t.ty, self.data(t), t.row_len(), t.n_elements() as usize).map_err(
-            |source: CodecError| GgufError::Codec {
+            |error: CodecError| GgufError::Codec {
                 path: self.path.clone(),
                 tensor: t.name.clone(),
-                source,
+                error,
             },
         )
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo, GgufError> {
-        self.header.tensor(name).ok_or_else(|| GgufError::MissingTensor {
-            path: self.path.clone(),
-            name: name.to_string(),
-        })
+        self.header
+            .tensor(name)
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
     }
 
     // Typed metadata access; errors name the file and the key.
@@ -541,7 +555,10 @@ impl GgufFile {
 
     pub fn opt_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
         self.get(key)
-            .map(|v| v.as_u64().ok_or_else(|| self.wrong(key, "unsigned integer", v)))
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| self.wrong(key, "unsigned integer", v))
+            })
             .transpose()
     }
 
@@ -589,5 +606,210 @@ impl GgufFile {
                     .ok_or_else(|| self.wrong(key, "array of integers", v))
             })
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-assembled GGUF byte stream.
+    #[derive(Default)]
+    struct Raw(Vec<u8>);
+
+    impl Raw {
+        fn header(version: u32, n_tensors: u64, n_kv: u64) -> Self {
+            let mut r = Raw::default();
+            r.0.extend_from_slice(b"GGUF");
+            r.u32(version).u64(n_tensors).u64(n_kv);
+            r
+        }
+        fn u32(&mut self, v: u32) -> &mut Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u64(&mut self, v: u64) -> &mut Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn str(&mut self, s: &str) -> &mut Self {
+            self.u64(s.len() as u64);
+            self.0.extend_from_slice(s.as_bytes());
+            self
+        }
+        fn kv_u32(&mut self, key: &str, v: u32) -> &mut Self {
+            self.str(key).u32(ValueType::U32 as u32).u32(v)
+        }
+        fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> &mut Self {
+            self.str(name).u32(dims.len() as u32);
+            for &d in dims {
+                self.u64(d);
+            }
+            self.u32(ty).u64(offset)
+        }
+        /// Pads to the 32-byte alignment and appends `n` data bytes.
+        fn data(&mut self, n: usize) -> &mut Self {
+            while self.0.len() % 32 != 0 {
+                self.0.push(0);
+            }
+            self.0.extend(std::iter::repeat_n(0u8, n));
+            self
+        }
+    }
+
+    fn err(bytes: &[u8]) -> ParseError {
+        match Header::parse(bytes) {
+            Ok(_) => panic!("parsed"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_minimal_file_parses() {
+        let mut r = Raw::header(3, 1, 1);
+        r.kv_u32("general.alignment", 32)
+            .tensor("w", &[4, 2], 0, 0)
+            .data(32);
+        let h = Header::parse(&r.0).unwrap();
+        assert_eq!(h.alignment, 32);
+        assert_eq!(h.tensors[0].dims, vec![4, 2]);
+        assert_eq!(h.tensors[0].n_bytes(), 32);
+        assert_eq!(h.data_offset % 32, 0);
+        assert_eq!(h.get("general.alignment"), Some(&Value::U32(32)));
+    }
+
+    #[test]
+    fn every_kind_of_bad_input_is_a_typed_error() {
+        assert!(matches!(
+            err(b"GGML\x03\0\0\0"),
+            ParseError::BadMagic { .. }
+        ));
+        assert!(matches!(
+            err(&Raw::header(1, 0, 0).0),
+            ParseError::UnsupportedVersion(1)
+        ));
+        assert!(matches!(
+            err(&Raw::header(3u32.swap_bytes(), 0, 0).0),
+            ParseError::BigEndian
+        ));
+        assert!(matches!(
+            err(b"GGUF\x03\0\0\0\x01"),
+            ParseError::Truncated { .. }
+        ));
+        // Counts and lengths larger than the file.
+        assert!(matches!(
+            err(&Raw::header(3, u64::MAX, 0).0),
+            ParseError::CountTooLarge { .. }
+        ));
+        assert!(matches!(
+            err(&Raw::header(3, 0, 1 << 40).0),
+            ParseError::CountTooLarge { .. }
+        ));
+        let mut r = Raw::header(3, 0, 1);
+        r.u64(u64::MAX - 3);
+        assert!(matches!(err(&r.0), ParseError::CountTooLarge { .. }));
+        let mut r = Raw::header(3, 0, 1);
+        r.str("k")
+            .u32(ValueType::Array as u32)
+            .u32(ValueType::String as u32)
+            .u64(1 << 50);
+        assert!(matches!(err(&r.0), ParseError::CountTooLarge { .. }));
+        // Value types.
+        let mut r = Raw::header(3, 0, 1);
+        r.str("k").u32(13).u32(0);
+        assert!(matches!(
+            err(&r.0),
+            ParseError::UnknownValueType { id: 13, .. }
+        ));
+        let mut r = Raw::header(3, 0, 1);
+        r.str("k")
+            .u32(ValueType::Array as u32)
+            .u32(ValueType::Array as u32)
+            .u64(0);
+        assert!(matches!(err(&r.0), ParseError::NestedArray { .. }));
+        let mut r = Raw::header(3, 0, 1);
+        r.str("k").u32(ValueType::Bool as u32).0.push(7);
+        assert!(matches!(err(&r.0), ParseError::InvalidBool { byte: 7, .. }));
+        let mut r = Raw::header(3, 0, 2);
+        r.kv_u32("k", 1).kv_u32("k", 2);
+        assert!(matches!(err(&r.0), ParseError::DuplicateKey { .. }));
+        let mut r = Raw::header(3, 0, 1);
+        r.str("k")
+            .u32(ValueType::String as u32)
+            .str("\u{0}")
+            .0
+            .pop();
+        r.0.push(0xff);
+        assert!(matches!(err(&r.0), ParseError::InvalidUtf8 { .. }));
+        // Alignment.
+        let mut r = Raw::header(3, 0, 1);
+        r.kv_u32("general.alignment", 12);
+        assert!(matches!(err(&r.0), ParseError::BadAlignment(12)));
+        let mut r = Raw::header(3, 0, 1);
+        r.str("general.alignment")
+            .u32(ValueType::U64 as u32)
+            .u64(32);
+        assert!(matches!(err(&r.0), ParseError::AlignmentType(_)));
+        // Tensor infos.
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[1, 1, 1, 1, 1], 0, 0).data(4);
+        assert!(matches!(
+            err(&r.0),
+            ParseError::TooManyDims { n_dims: 5, .. }
+        ));
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[32], 4, 0).data(64);
+        assert!(matches!(
+            err(&r.0),
+            ParseError::UnknownTensorType { id: 4, .. }
+        ));
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[16], 2, 0).data(64);
+        assert!(matches!(err(&r.0), ParseError::BadShape { .. }));
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[u64::MAX, 4], 0, 0).data(64);
+        assert!(matches!(err(&r.0), ParseError::BadShape { .. }));
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[4], 0, 8).data(64);
+        assert!(matches!(
+            err(&r.0),
+            ParseError::UnalignedOffset { offset: 8, .. }
+        ));
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[64], 0, 0).data(64);
+        assert!(matches!(err(&r.0), ParseError::DataBeyondEof { .. }));
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor("w", &[4], 0, u64::MAX - 31).data(64);
+        assert!(matches!(err(&r.0), ParseError::DataBeyondEof { .. }));
+        let mut r = Raw::header(3, 2, 0);
+        r.tensor("w", &[4], 0, 0).tensor("w", &[4], 0, 32).data(64);
+        assert!(matches!(err(&r.0), ParseError::DuplicateTensor(_)));
+        let long = "x".repeat(80);
+        let mut r = Raw::header(3, 1, 0);
+        r.tensor(&long, &[4], 0, 0).data(64);
+        assert!(matches!(err(&r.0), ParseError::NameTooLong { .. }));
+    }
+
+    #[test]
+    fn every_prefix_of_a_valid_file_fails_cleanly() {
+        let mut r = Raw::header(3, 2, 2);
+        r.kv_u32("general.alignment", 32);
+        r.str("tokens")
+            .u32(ValueType::Array as u32)
+            .u32(ValueType::String as u32)
+            .u64(2)
+            .str("a")
+            .str("bc");
+        // Q8_0 [32, 2] takes 68 bytes (padded to 96), then 16 bytes of F32.
+        r.tensor("w", &[32, 2], 8, 0)
+            .tensor("b", &[4], 0, 96)
+            .data(112);
+        let full = r.0;
+        Header::parse(&full).unwrap();
+        for n in 0..full.len() {
+            if let Ok(h) = Header::parse(&full[..n]) {
+                panic!("prefix of {n} bytes parsed: {h:?}");
+            }
+        }
     }
 }

@@ -94,7 +94,9 @@ pub fn test_cache(name: &str) -> PathBuf {
         .unwrap_or_else(|| {
             let cache = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+                });
             cache.join("qcoder/assets")
         });
     let dir = base.join("test-cache").join(name);
