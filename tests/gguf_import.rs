@@ -203,3 +203,33 @@ fn bad_gguf_files_exit_2_with_a_message() {
     arch[at..at + 5].copy_from_slice(b"gemma");
     rejects(&arch, "architecture `gemma` is not supported");
 }
+
+#[test]
+fn inspect_shows_what_gguf_py_reads() {
+    let path = common::asset("smollm2-gguf");
+    let reference = common::python_json("gguf_ref.py", &[&"read", &path]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = common::qcoder_ok(&[&"inspect", &path], tmp.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    for (key, entry) in reference["metadata"].as_object().unwrap() {
+        let line = lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(key.as_str()))
+            .unwrap_or_else(|| panic!("key {key} not listed:\n{text}"));
+        if let Some(n) = entry.get("len") {
+            assert!(
+                line.contains(&format!("({n} items)")) || n.as_u64() <= Some(8),
+                "{line}"
+            );
+        }
+    }
+    for t in reference["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("tensor {name} not listed"));
+        assert_eq!(line.split_whitespace().nth(1), t["type"].as_str(), "{line}");
+    }
+}
