@@ -625,7 +625,10 @@ impl FileType {
 ///   gets Q6_K unless the base type is Q8_0.
 /// * Q4_K_M: `attn_v` and `ffn_down` get Q6_K on the layers `use_more_bits`
 ///   picks (the first and last eighth, and every third layer in between);
-///   everything else Q4_K.
+///   everything else Q4_K. llama.cpp counts those tensors in file order;
+///   qcoder writes layers in numeric order, so the count is the layer index
+///   (GGUFs converted from checkpoints whose tensors sort alphabetically —
+///   blk.0, blk.1, blk.10, … — get a shifted set, as the real Qwen file does).
 /// * A type whose block does not divide the row length falls back as
 ///   `tensor_type_fallback` does: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, and
 ///   to F16 when even 32 does not divide it.

@@ -3,13 +3,15 @@
 //! that knows GGUF keys and tensor names.
 //!
 //! * [`reader`]: memory-mapped, validated parsing ([`GgufFile`]).
-//! * [`writer`]: header → key/values → tensor infos → aligned data.
+//! * [`writer`]: header → key/values → tensor infos → aligned data;
+//!   [`export`] plans what an HF model becomes in GGUF.
 //! * [`codec`], [`kquants`], [`blocks`]: the ggml block formats.
 //! * [`hf`]: config, tensor names, llama's Q/K permutation, Q4_K_M mix.
 //! * [`vocab`]: `tokenizer.ggml.*` ⇄ `tokenizer.json`.
 
 pub mod blocks;
 pub mod codec;
+pub mod export;
 pub mod hf;
 pub mod keys;
 pub mod kquants;
@@ -17,6 +19,7 @@ pub mod reader;
 pub mod types;
 pub mod value;
 pub mod vocab;
+pub mod writer;
 
 use std::path::PathBuf;
 
