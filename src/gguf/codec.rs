@@ -55,7 +55,7 @@ fn check_sizes(
     row_len: usize,
 ) -> Result<usize, CodecError> {
     let row_b = row_bytes(ty, row_len)?;
-    let rows = if row_len == 0 { 0 } else { values / row_len };
+    let rows = values.checked_div(row_len).unwrap_or(0);
     if row_len == 0 || values % row_len != 0 || bytes != rows * row_b {
         return Err(CodecError::Size {
             ty,
@@ -124,11 +124,7 @@ pub fn encode_rows(
 
 /// Encodes a whole tensor into a new byte vector.
 pub fn encode(ty: GgmlType, values: &[f32], row_len: usize) -> Result<Vec<u8>, CodecError> {
-    let rows = if row_len == 0 {
-        0
-    } else {
-        values.len() / row_len
-    };
+    let rows = values.len().checked_div(row_len).unwrap_or(0);
     let mut out = vec![0u8; rows * row_bytes(ty, row_len)?];
     encode_rows(ty, values, row_len, &mut out)?;
     Ok(out)

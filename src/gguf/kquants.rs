@@ -302,8 +302,8 @@ pub fn quant_q6_k(x: &[f32], b: &mut BlockQ6K) {
     }
     let iscale = -128.0 / max_scale;
     b.d = f16_bytes(1.0 / iscale);
-    for ib in 0..16 {
-        b.scales[ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
+    for (q, &scale) in b.scales.iter_mut().zip(&scales) {
+        *q = nearest_int(iscale * scale).min(127) as i8 as u8;
     }
     let d = f16_from(b.d);
     for j in 0..16 {
