@@ -21,8 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Complete a prompt, or fill in the middle between a prefix and a suffix.
     Generate(GenerateArgs),
-    /// Describe a model directory or a .safetensors file: architecture,
-    /// parameter count, dtypes and the tensor table.
+    /// Describe a model directory, a .safetensors file or a .gguf file:
+    /// architecture, parameter count, dtypes (GGUF: metadata) and the tensor table.
     Inspect(InspectArgs),
     /// Quantize the linear layers to 2-8 bits with GPTQ, AWQ or RTN,
     /// calibrated on your own code, into a checkpoint that transformers,
@@ -38,6 +38,13 @@ pub enum Command {
     /// stats.json (counts by drop reason, secret kind, language and split).
     /// --threads sets the worker threads (default: one per core).
     Ingest(IngestArgs),
+    // --- GGUF and export (issue 3) ---
+    /// Convert a GGUF file (architectures qwen2, qwen3, llama) into a Hugging
+    /// Face model directory that qcoder, transformers and vLLM load.
+    Import(ImportArgs),
+    /// Write a model directory as GGUF (llama.cpp, Ollama, LM Studio) or as a
+    /// sharded safetensors directory (transformers, vLLM).
+    Export(ExportArgs),
 }
 
 /// Where a model comes from and how it is run.
@@ -112,8 +119,8 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A model directory, a hub id, a .safetensors file, an ingest output
-    /// directory or a .parquet file.
+    /// A model directory, a hub id, a .safetensors or .gguf file, an ingest
+    /// output directory or a .parquet file.
     pub path: PathBuf,
 }
 
@@ -387,4 +394,58 @@ pub struct IngestArgs {
     /// Seconds to wait for a `git clone` of a URL input.
     #[arg(long, default_value_t = 600)]
     pub clone_timeout: u64,
+}
+
+// --- GGUF and export (issue 3) ---
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The GGUF file to convert.
+    pub file: PathBuf,
+
+    /// Output directory (created; must not exist or be empty).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+
+    /// Weight dtype of model.safetensors: f32 (exact: quantized weights are
+    /// stored as decoded), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Output formats of `qcoder export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One .gguf file for llama.cpp and the tools built on it.
+    Gguf,
+    /// An HF directory with sharded safetensors.
+    Safetensors,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Model directory (HF layout) to export.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+
+    /// gguf or safetensors.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+
+    /// GGUF tensor type: f16, bf16, q8_0, q4_0, q4_1 or q4_k_m (llama.cpp's
+    /// mix: Q4_K with Q6_K for output and parts of attn_v/ffn_down).
+    #[arg(long = "type", default_value = "f16")]
+    pub gguf_type: String,
+
+    /// Safetensors dtype: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+
+    /// Largest safetensors shard (e.g. 5GB, 500MB, 2GiB).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+
+    /// Output: the .gguf file, or the directory for safetensors.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
 }

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod gguf;
 pub mod infer;
 pub mod model;
 pub mod quant;

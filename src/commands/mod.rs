@@ -2,10 +2,13 @@
 //! library modules.
 
 pub mod eval;
+pub mod export;
 pub mod generate;
+pub mod import;
 pub mod ingest;
 pub mod inspect;
 pub mod quantize;
+mod staging;
 
 use crate::cli::{Cli, Command};
 
@@ -28,5 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Ingest(args) => ingest::run(args, cli.threads),
+        Command::Import(args) => import::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod decoder;
 pub mod hub;
 pub mod linear;
+pub mod save;
 pub mod weights;
 
 use std::path::PathBuf;
