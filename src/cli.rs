@@ -45,6 +45,11 @@ pub enum Command {
     /// Write a model directory as GGUF (llama.cpp, Ollama, LM Studio) or as a
     /// sharded safetensors directory (transformers, vLLM).
     Export(ExportArgs),
+    /// Run a pipeline file: import → ingest → finetune → quantize → eval →
+    /// export as one batch job. Each stage is skipped when the content hash
+    /// of its inputs matches its last finished run, so a killed job resumes
+    /// where it stopped.
+    Run(RunArgs),
 }
 
 /// Where a model comes from and how it is run.
@@ -448,4 +453,15 @@ pub struct ExportArgs {
     /// Output: the .gguf file, or the directory for safetensors.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file (TOML): [pipeline] work_dir, [model] gguf|path, and
+    /// one table per stage whose keys are that command's long flags.
+    pub pipeline: PathBuf,
+
+    /// Run this stage again even when it is up to date (repeatable).
+    #[arg(long)]
+    pub force: Vec<String>,
 }

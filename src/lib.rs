@@ -11,5 +11,6 @@ pub mod eval;
 pub mod gguf;
 pub mod infer;
 pub mod model;
+pub mod pipeline;
 pub mod quant;
 pub mod tokenizer;

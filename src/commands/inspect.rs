@@ -28,7 +28,10 @@ pub fn run(args: InspectArgs) -> Result<Outcome> {
         ingest::inspect_parquet(&path, &mut out)
     } else if path.is_dir() {
         inspect_model_dir(&path, &mut out)
-    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         inspect_gguf(&path, &mut out)
     } else {
         inspect_safetensors(&path, &mut out)
@@ -103,7 +106,12 @@ fn inspect_safetensors(path: &Path, out: &mut impl Write) -> Result<()> {
 fn inspect_gguf(path: &Path, out: &mut impl Write) -> Result<()> {
     let file = crate::gguf::GgufFile::open(path)?;
     let h = &file.header;
-    writeln!(out, "file         {} ({})", path.display(), human_bytes(file.file_len()))?;
+    writeln!(
+        out,
+        "file         {} ({})",
+        path.display(),
+        human_bytes(file.file_len())
+    )?;
     writeln!(
         out,
         "gguf         version {}, alignment {}, {} metadata keys, {} tensors",
@@ -113,11 +121,20 @@ fn inspect_gguf(path: &Path, out: &mut impl Write) -> Result<()> {
         h.tensors.len()
     )?;
     writeln!(out)?;
-    let key_width = h.metadata.iter().map(|(k, _)| k.len()).max().unwrap_or(3).max(3);
+    let key_width = h
+        .metadata
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(3)
+        .max(3);
     for (key, value) in &h.metadata {
         let mut text = value.to_string();
         if text.len() > 160 {
-            let cut = (0..=157).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let cut = (0..=157)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
             text = format!("{}... ({} bytes)", &text[..cut], text.len());
         }
         writeln!(out, "{key:<key_width$}  {:<14} {text}", value.type_name())?;
@@ -135,10 +152,26 @@ fn inspect_gguf(path: &Path, out: &mut impl Write) -> Result<()> {
         .iter()
         .map(|(ty, (n, elems))| format!("{ty} {n} ({})", human_count(*elems)))
         .collect();
-    writeln!(out, "parameters   {} in {} tensors: {}", human_count(total), h.tensors.len(), types.join(", "))?;
+    writeln!(
+        out,
+        "parameters   {} in {} tensors: {}",
+        human_count(total),
+        h.tensors.len(),
+        types.join(", ")
+    )?;
     writeln!(out)?;
-    let width = h.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).max(6);
-    writeln!(out, "{:<width$}  {:<6}  {:<22}  {:>10}  offset", "tensor", "type", "dims (ggml order)", "bytes")?;
+    let width = h
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    writeln!(
+        out,
+        "{:<width$}  {:<6}  {:<22}  {:>10}  offset",
+        "tensor", "type", "dims (ggml order)", "bytes"
+    )?;
     for t in &h.tensors {
         writeln!(
             out,

@@ -8,6 +8,7 @@ pub mod import;
 pub mod ingest;
 pub mod inspect;
 pub mod quantize;
+pub mod run;
 mod staging;
 
 use crate::cli::{Cli, Command};
@@ -25,13 +26,19 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         anyhow::ensure!(threads > 0, "--threads must be at least 1");
         tch::set_num_threads(threads);
     }
-    match cli.command {
+    dispatch(cli.command, cli.threads)
+}
+
+/// Runs one command (`qcoder run` calls this for each of its stages).
+pub fn dispatch(command: Command, threads: Option<i32>) -> anyhow::Result<Outcome> {
+    match command {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::Ingest(args) => ingest::run(args, cli.threads),
+        Command::Ingest(args) => ingest::run(args, threads),
         Command::Import(args) => import::run(args),
         Command::Export(args) => export::run(args),
+        Command::Run(args) => run::run(args, threads),
     }
 }

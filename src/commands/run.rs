@@ -1,0 +1,352 @@
+//! `qcoder run pipeline.toml`: import → ingest → finetune → quantize → eval →
+//! export as one resumable batch job. Each stage is the qcoder command of the
+//! same name, with the stage's table as its flags and its inputs wired to the
+//! earlier stages' outputs in the work directory; a stage whose inputs have
+//! the same content hash as when it last finished is skipped.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use super::Outcome;
+use crate::cli::{Cli, Command, RunArgs};
+use crate::pipeline::{
+    self, fingerprint, hash_parts, hash_path, ModelSource, Pipeline, StageState,
+};
+
+/// An input of a stage: an output of an earlier stage (its recorded hash) or
+/// something outside the work directory (hashed now).
+enum Input {
+    Stage(&'static str),
+    External(String),
+}
+
+/// One stage, ready to run: its command line and what it reads and writes.
+struct Step {
+    name: &'static str,
+    argv: Vec<String>,
+    inputs: Vec<Input>,
+    output: PathBuf,
+}
+
+fn table_text(p: &Pipeline, name: &str) -> String {
+    p.stage(name).map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn plan(p: &Pipeline) -> Result<Vec<Step>> {
+    let work = &p.work_dir;
+    let path_str = |path: &Path| path.to_string_lossy().into_owned();
+    let mut steps = Vec::new();
+
+    // The base model: a directory (from the import stage, or given).
+    let base: (String, Option<&'static str>) = match &p.model {
+        ModelSource::Gguf(file) => {
+            if !file.is_file() {
+                bail!(
+                    "{}: [model] gguf file {} does not exist",
+                    p.path.display(),
+                    file.display()
+                );
+            }
+            let output = work.join("base");
+            let mut argv = vec![
+                "import".to_string(),
+                path_str(file),
+                "-o".into(),
+                path_str(&output),
+            ];
+            argv.extend(p.stage_args("import", &["file", "output"], None)?);
+            steps.push(Step {
+                name: "import",
+                argv,
+                inputs: vec![Input::External(path_str(file))],
+                output: output.clone(),
+            });
+            (path_str(&output), Some("import"))
+        }
+        ModelSource::Dir(dir) => {
+            let local = Path::new(dir);
+            if !local.exists() && (local.is_absolute() || dir.starts_with('.')) {
+                bail!("{}: [model] path {dir} does not exist", p.path.display());
+            }
+            (dir.clone(), None)
+        }
+    };
+    let input_of = |(path, stage): &(String, Option<&'static str>)| match stage {
+        Some(s) => Input::Stage(s),
+        None => Input::External(path.clone()),
+    };
+
+    let mut data: Option<(String, Option<&'static str>)> = None;
+    if p.stage("ingest").is_some() {
+        let output = work.join("data");
+        let mut argv = vec!["ingest".to_string()];
+        let args = p.stage_args("ingest", &["output", "overwrite"], Some("inputs"))?;
+        let sources: Vec<String> = p
+            .stage("ingest")
+            .and_then(|t| t.get("inputs"))
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str())
+                    .map(|s| pipeline::expand(s, &p.path))
+                    .collect()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        if sources.is_empty() {
+            bail!(
+                "{}: [ingest] needs inputs = [\"DIR\", ...]",
+                p.path.display()
+            );
+        }
+        for source in &sources {
+            let remote = source.contains("://") || source.starts_with("git@");
+            if !remote && !Path::new(source).exists() {
+                bail!(
+                    "{}: [ingest] input {source} does not exist",
+                    p.path.display()
+                );
+            }
+        }
+        argv.extend(args);
+        argv.extend(["-o".to_string(), path_str(&output)]);
+        steps.push(Step {
+            name: "ingest",
+            argv,
+            inputs: sources.into_iter().map(Input::External).collect(),
+            output: output.clone(),
+        });
+        data = Some((path_str(&output), Some("ingest")));
+    }
+
+    // The model the later stages use: the fine-tuned one when there is a
+    // finetune stage, else the base.
+    let tuned = base.clone();
+
+    if p.stage("quantize").is_some() {
+        let output = work.join("quantized");
+        let mut reserved = vec!["model", "output", "overwrite"];
+        let mut argv = vec![
+            "quantize".to_string(),
+            "--model".into(),
+            tuned.0.clone(),
+            "-o".into(),
+            path_str(&output),
+        ];
+        let mut inputs = vec![input_of(&tuned)];
+        if let Some(d) = &data {
+            reserved.push("calib");
+            argv.extend(["--calib".to_string(), d.0.clone()]);
+            inputs.push(input_of(d));
+        }
+        argv.extend(p.stage_args("quantize", &reserved, None)?);
+        steps.push(Step {
+            name: "quantize",
+            argv,
+            inputs,
+            output,
+        });
+    }
+
+    if p.stage("eval").is_some() {
+        let output = work.join("report");
+        let mut reserved = vec!["model", "output"];
+        let mut argv = vec!["eval".to_string(), "-m".into(), format!("base={}", base.0)];
+        let mut inputs = vec![input_of(&base)];
+        if steps.iter().any(|s| s.name == "quantize") {
+            argv.extend([
+                "-m".to_string(),
+                format!("quantized={}", path_str(&work.join("quantized"))),
+            ]);
+            inputs.push(Input::Stage("quantize"));
+        }
+        if let Some(d) = &data {
+            reserved.push("data");
+            argv.extend(["--data".to_string(), d.0.clone()]);
+            inputs.push(input_of(d));
+        }
+        argv.extend(["-o".to_string(), path_str(&output)]);
+        argv.extend(p.stage_args("eval", &reserved, None)?);
+        steps.push(Step {
+            name: "eval",
+            argv,
+            inputs,
+            output,
+        });
+    }
+
+    if let Some(table) = p.stage("export") {
+        let format = table.get("format").and_then(|v| v.as_str()).unwrap_or("");
+        let output = match format {
+            "gguf" => {
+                let ty = table.get("type").and_then(|v| v.as_str()).unwrap_or("f16");
+                work.join(format!("model-{ty}.gguf"))
+            }
+            "safetensors" => work.join("export"),
+            _ => bail!(
+                "{}: [export] needs format = \"gguf\" or \"safetensors\"",
+                p.path.display()
+            ),
+        };
+        let mut argv = vec![
+            "export".to_string(),
+            "--model".into(),
+            tuned.0.clone(),
+            "-o".into(),
+            path_str(&output),
+        ];
+        argv.extend(p.stage_args("export", &["model", "output"], None)?);
+        steps.push(Step {
+            name: "export",
+            argv,
+            inputs: vec![input_of(&tuned)],
+            output,
+        });
+    }
+    Ok(steps)
+}
+
+/// Parses a stage's command line as the command itself would, so a wrong key
+/// in any stage stops the job before the first stage runs.
+fn parse_stage(p: &Pipeline, step: &Step) -> Result<Command> {
+    let argv = std::iter::once("qcoder".to_string()).chain(step.argv.iter().cloned());
+    match Cli::try_parse_from(argv) {
+        Ok(cli) => Ok(cli.command),
+        Err(err) => {
+            let text = err.render().to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            bail!(
+                "{} [{}]: {first} (keys of a stage table are the long flags of `qcoder {}`; see `qcoder {} --help`)",
+                p.path.display(),
+                step.name,
+                step.name,
+                step.name
+            )
+        }
+    }
+}
+
+fn input_hash(p: &Pipeline, step: &Step, done: &[StageState]) -> Result<String> {
+    let mut parts = vec![
+        step.name.to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+        step.argv.join("\u{1f}"),
+        table_text(p, step.name),
+    ];
+    for input in &step.inputs {
+        parts.push(match input {
+            Input::Stage(s) => done
+                .iter()
+                .find(|d| d.stage == *s)
+                .map(|d| d.output_hash.clone())
+                .with_context(|| format!("stage {s} has not run"))?,
+            Input::External(path) if Path::new(path).exists() => {
+                hash_path(Path::new(path)).with_context(|| format!("hashing {path}"))?
+            }
+            // A hub id or URL: its name stands for it.
+            Input::External(name) => name.clone(),
+        });
+    }
+    Ok(hash_parts(&parts))
+}
+
+fn remove_stale(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else if path.exists() {
+        std::fs::remove_file(path)
+    } else {
+        return Ok(());
+    }
+    .with_context(|| format!("removing the stale output {}", path.display()))
+}
+
+pub fn run(args: RunArgs, threads: Option<i32>) -> Result<Outcome> {
+    let p = Pipeline::read(&args.pipeline)?;
+    let steps = plan(&p)?;
+    if steps.is_empty() {
+        bail!("{}: no stages to run", p.path.display());
+    }
+    let commands = steps
+        .iter()
+        .map(|step| parse_stage(&p, step))
+        .collect::<Result<Vec<_>>>()?;
+    for name in &args.force {
+        if !steps.iter().any(|s| s.name == name) {
+            bail!(
+                "--force {name}: the pipeline has no such stage (it has: {})",
+                steps.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    std::fs::create_dir_all(&p.work_dir)
+        .with_context(|| format!("creating the work directory {}", p.work_dir.display()))?;
+
+    let total = steps.len();
+    let mut done: Vec<StageState> = Vec::new();
+    let mut summary = Vec::new();
+    for (i, (step, command)) in steps.iter().zip(commands).enumerate() {
+        let header = format!("[{}/{total}] {}", i + 1, step.name);
+        let hash = input_hash(&p, step, &done)?;
+        let fresh = StageState::up_to_date(&p.work_dir, step.name, &hash);
+        let state = match (fresh, command) {
+            (Some(state), _) if !args.force.iter().any(|s| s == step.name) => {
+                eprintln!(
+                    "== {header}: up to date, skipped ({})",
+                    state.output.display()
+                );
+                summary.push((step.name, "skipped", state.seconds));
+                state
+            }
+            (_, command) => {
+                eprintln!("== {header}: qcoder {}", step.argv.join(" "));
+                StageState::forget(&p.work_dir, step.name)?;
+                remove_stale(&step.output)?;
+                let start = Instant::now();
+                let outcome = super::dispatch(command, threads)
+                    .with_context(|| format!("pipeline stage {}", step.name))?;
+                let state = StageState {
+                    stage: step.name.to_string(),
+                    input_hash: hash,
+                    output_hash: hash_path(&step.output)?,
+                    output: step.output.clone(),
+                    files: fingerprint(&step.output)?,
+                    passed: outcome == Outcome::Success,
+                    seconds: start.elapsed().as_secs_f64(),
+                    command: step.argv.clone(),
+                };
+                state.save(&p.work_dir)?;
+                summary.push((step.name, "ran", state.seconds));
+                state
+            }
+        };
+        let passed = state.passed;
+        done.push(state);
+        if !passed {
+            eprintln!(
+                "== {}: a quality gate failed (see {}); later stages do not run",
+                step.name,
+                step.output.display()
+            );
+            print_summary(&summary);
+            return Ok(Outcome::GateFailed);
+        }
+    }
+    print_summary(&summary);
+    eprintln!("== outputs in {}", p.work_dir.display());
+    Ok(Outcome::Success)
+}
+
+fn print_summary(summary: &[(&str, &str, f64)]) {
+    eprintln!("== stage      status   seconds");
+    for (name, status, seconds) in summary {
+        eprintln!("   {name:<10} {status:<8} {seconds:>8.1}");
+    }
+}
