@@ -12,12 +12,17 @@ use serde_json::Value as Json;
 use super::staging::{progress, write_json, Staged};
 use super::Outcome;
 use crate::cli::{ExportArgs, ExportFormat};
-use crate::gguf::export::{ExportPlan, Source};
+use crate::gguf::export::{ExportPlan, ExportTensor, Source};
 use crate::gguf::hf::FileType;
+use crate::gguf::repack::{self, IntMatrix};
 use crate::gguf::vocab::HfTokenizerInput;
 use crate::gguf::writer::GgufWriter;
+use crate::gguf::GgmlType;
 use crate::model::save::{self, bytes_to_f32, f32_to_bytes, SafetensorsWriter, TensorSpec};
 use crate::model::{self, Checkpoint};
+use crate::quant::checkpoint::{read_linear, QuantFormat};
+use crate::quant::QuantizedLinear;
+use tch::{Kind, Tensor};
 
 pub fn run(args: ExportArgs) -> Result<Outcome> {
     match args.format {
@@ -56,6 +61,64 @@ fn load_f32(ckpt: &Checkpoint, name: &str, shape: &[usize]) -> Result<Vec<f32>> 
             meta.dtype
         )
     })
+}
+
+/// A GPTQ/AWQ linear as the GGUF blocks of `t`, with its integers unchanged,
+/// or why its geometry does not allow that.
+fn repack(q: &QuantizedLinear, t: &ExportTensor) -> std::result::Result<Vec<u8>, String> {
+    if q.bits != 4 {
+        return Err(format!("{} bits (llama.cpp's 4-bit blocks need 4)", q.bits));
+    }
+    if q.group_size != repack::BLOCK {
+        return Err(format!(
+            "group size {} (Q4_0/Q4_1 blocks hold {} consecutive weights; quantize with --group-size 32)",
+            q.group_size,
+            repack::BLOCK
+        ));
+    }
+    if !q.has_trivial_g_idx() {
+        return Err(
+            "act-order groups are not consecutive columns (quantize without --act-order)".into(),
+        );
+    }
+    if !matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+        return Err(format!(
+            "--type stores this tensor as {} (use q4_0 or q4_1)",
+            t.ty
+        ));
+    }
+    let to_u8 = |x: &Tensor| -> std::result::Result<Vec<u8>, String> {
+        Vec::<u8>::try_from(&x.to_kind(Kind::Uint8).contiguous().view(-1))
+            .map_err(|e| e.to_string())
+    };
+    let ints = to_u8(&q.q)?;
+    // (groups, out) → (out, groups)
+    let scales = Vec::<f32>::try_from(&q.scales.transpose(0, 1).contiguous().view(-1))
+        .map_err(|e| e.to_string())?;
+    let zeros = to_u8(&q.zeros.transpose(0, 1))?;
+    let (rows, cols) = (q.out_features() as usize, q.in_features() as usize);
+    let m = IntMatrix {
+        rows,
+        cols,
+        ints: &ints,
+        scales: &scales,
+        zeros: &zeros,
+    };
+    let result = match t.row_order() {
+        Some(order) => {
+            let (ints, scales, zeros) = m.reordered(&order);
+            IntMatrix {
+                rows,
+                cols,
+                ints: &ints,
+                scales: &scales,
+                zeros: &zeros,
+            }
+            .to_blocks(t.ty)
+        }
+        None => m.to_blocks(t.ty),
+    };
+    result.map_err(|e| e.to_string())
 }
 
 fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
@@ -117,18 +180,48 @@ fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
         writer.add_tensor(&t.gguf_name, &t.dims, t.ty)?;
     }
     writer.write_header()?;
+    let quant = QuantFormat::from_config(&config)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading quantization_config in {}", dir.display()))?;
     let total: u64 = plan.tensors.iter().map(|t| 4 * t.n_elements() as u64).sum();
     let bar = progress(total, &format!("export {}", ftype.name()));
+    let mut repacked = 0usize;
+    let mut rerounded: Vec<(String, String)> = Vec::new();
     for t in &plan.tensors {
-        let values = match &t.source {
-            Source::Checkpoint(hf_name) => load_f32(&ckpt, hf_name, &t.hf_shape)?,
-            Source::Computed(v) => v.clone(),
+        let quantized = match (&t.source, quant) {
+            (Source::Checkpoint(hf_name), Some(format)) if !ckpt.contains(hf_name) => hf_name
+                .strip_suffix(".weight")
+                .filter(|prefix| ckpt.contains(&format!("{prefix}.scales")))
+                .map(|prefix| (prefix, format)),
+            _ => None,
         };
-        let bytes = t
-            .encode(&values)
-            .with_context(|| format!("encoding `{}` as {}", t.gguf_name, t.ty))?;
+        let bytes = if let Some((prefix, format)) = quantized {
+            let (out_f, in_f) = (t.hf_shape[0], t.hf_shape[1]);
+            let q = read_linear(&ckpt, prefix, format, in_f, out_f, false)
+                .with_context(|| format!("reading the quantized linear {prefix}"))?;
+            match repack(&q, t) {
+                Ok(bytes) => {
+                    repacked += 1;
+                    bytes
+                }
+                Err(reason) => {
+                    rerounded.push((prefix.to_string(), reason));
+                    let w = q.dequantize().contiguous().view(-1);
+                    let values = Vec::<f32>::try_from(&w)?;
+                    t.encode(&values)
+                        .with_context(|| format!("encoding `{}` as {}", t.gguf_name, t.ty))?
+                }
+            }
+        } else {
+            let values = match &t.source {
+                Source::Checkpoint(hf_name) => load_f32(&ckpt, hf_name, &t.hf_shape)?,
+                Source::Computed(v) => v.clone(),
+            };
+            t.encode(&values)
+                .with_context(|| format!("encoding `{}` as {}", t.gguf_name, t.ty))?
+        };
         writer.write_tensor(&t.gguf_name, &bytes)?;
-        bar.inc(4 * values.len() as u64);
+        bar.inc(4 * t.n_elements() as u64);
     }
     let out = writer.finish()?;
     let file = out
@@ -139,6 +232,17 @@ fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
     drop(file);
     bar.finish_and_clear();
     staged.commit()?;
+    if quant.is_some() {
+        eprintln!(
+            "{repacked} quantized linears repacked into llama.cpp blocks with their integers unchanged"
+        );
+        if let Some((first, reason)) = rerounded.first() {
+            eprintln!(
+                "{} quantized linears dequantized and rounded again (e.g. {first}: {reason})",
+                rerounded.len()
+            );
+        }
+    }
     eprintln!(
         "exported {} as {} ({} tensors) to {}",
         dir.display(),

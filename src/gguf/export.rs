@@ -38,6 +38,19 @@ impl ExportTensor {
         self.hf_shape.iter().product()
     }
 
+    /// The order llama.cpp stores this tensor's rows in: row `r` of the GGUF
+    /// tensor is HF row `order[r]` (`None`: the same order).
+    pub fn row_order(&self) -> Option<Vec<usize>> {
+        let heads = self.permute_heads?;
+        let rows: Vec<f32> = (0..self.hf_shape[0]).map(|r| r as f32).collect();
+        Some(
+            hf::permute_qk(&rows, 1, heads)
+                .into_iter()
+                .map(|r| r as usize)
+                .collect(),
+        )
+    }
+
     /// Encodes the tensor's f32 values (HF row order) as GGUF data.
     pub fn encode(&self, values: &[f32]) -> Result<Vec<u8>, CodecError> {
         let row_len = self.dims[0] as usize;

@@ -7,6 +7,7 @@
 //!   [`export`] plans what an HF model becomes in GGUF.
 //! * [`codec`], [`kquants`], [`blocks`]: the ggml block formats.
 //! * [`hf`]: config, tensor names, llama's Q/K permutation, Q4_K_M mix.
+//! * [`repack`]: GPTQ/AWQ integers into Q4_0/Q4_1 blocks without re-rounding.
 //! * [`vocab`]: `tokenizer.ggml.*` ⇄ `tokenizer.json`.
 
 pub mod blocks;
@@ -17,6 +18,7 @@ pub mod hf;
 pub mod keys;
 pub mod kquants;
 pub mod reader;
+pub mod repack;
 pub mod types;
 pub mod value;
 pub mod vocab;
