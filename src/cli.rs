@@ -111,6 +111,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Generate --max-new-tokens tokens whatever they are, past end tokens
+    /// (for speed measurements).
+    #[arg(long)]
+    pub ignore_eos: bool,
+
     /// Quantized checkpoints: run dequantized dense weights instead of the
     /// int4 kernels.
     #[arg(long)]

@@ -232,12 +232,14 @@ impl Pipeline {
     /// `--key v`, `key = true` → `--key`, `false` → nothing, arrays repeat the
     /// flag, `_` in keys becomes `-`. `reserved` keys are set by the pipeline
     /// itself and refused here; `positional` names a key (an array) whose
-    /// values are positional arguments.
+    /// values are positional arguments; `own` keys are the pipeline's, not
+    /// flags, and are left out.
     pub fn stage_args(
         &self,
         name: &str,
         reserved: &[&str],
         positional: Option<&str>,
+        own: &[&str],
     ) -> Result<Vec<String>, PipelineError> {
         let invalid = |message: String| PipelineError::Invalid {
             path: self.path.clone(),
@@ -249,6 +251,9 @@ impl Pipeline {
         let mut flags = Vec::new();
         let mut positionals = Vec::new();
         for (key, value) in table {
+            if own.contains(&key.as_str()) {
+                continue;
+            }
             if reserved.contains(&key.as_str()) {
                 return Err(invalid(format!(
                     "[{name}] {key}: set by the pipeline (it wires each stage's input to the previous stage's output); remove it"
@@ -441,7 +446,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.model, ModelSource::Dir("org/model".into()));
-        let args = p.stage_args("ingest", &["output"], Some("inputs")).unwrap();
+        let args = p
+            .stage_args("ingest", &["output"], Some("inputs"), &[])
+            .unwrap();
         assert_eq!(
             args,
             [
@@ -472,7 +479,7 @@ mod tests {
         let p =
             parse("[pipeline]\nwork_dir='w'\n[model]\npath='m'\n[quantize]\nmodel='x'\n").unwrap();
         let err = p
-            .stage_args("quantize", &["model"], None)
+            .stage_args("quantize", &["model"], None, &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("[quantize] model"), "{err}");

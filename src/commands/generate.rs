@@ -51,7 +51,11 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
     )?;
     let mut extra_stops = config.eos_token_ids();
     extra_stops.extend(model::generation_eos_ids(&dir)?);
-    let stop_ids = tokenizer.stop_ids(&extra_stops);
+    let stop_ids = if args.ignore_eos {
+        Vec::new()
+    } else {
+        tokenizer.stop_ids(&extra_stops)
+    };
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,

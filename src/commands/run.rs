@@ -57,7 +57,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
                 "-o".into(),
                 path_str(&output),
             ];
-            argv.extend(p.stage_args("import", &["file", "output"], None)?);
+            argv.extend(p.stage_args("import", &["file", "output"], None, &[])?);
             steps.push(Step {
                 name: "import",
                 argv,
@@ -83,7 +83,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
     if p.stage("ingest").is_some() {
         let output = work.join("data");
         let mut argv = vec!["ingest".to_string()];
-        let args = p.stage_args("ingest", &["output", "overwrite"], Some("inputs"))?;
+        let args = p.stage_args("ingest", &["output", "overwrite"], Some("inputs"), &[])?;
         let sources: Vec<String> = p
             .stage("ingest")
             .and_then(|t| t.get("inputs"))
@@ -142,7 +142,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             argv.extend(["--calib".to_string(), d.0.clone()]);
             inputs.push(input_of(d));
         }
-        argv.extend(p.stage_args("quantize", &reserved, None)?);
+        argv.extend(p.stage_args("quantize", &reserved, None, &[])?);
         steps.push(Step {
             name: "quantize",
             argv,
@@ -169,7 +169,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             inputs.push(input_of(d));
         }
         argv.extend(["-o".to_string(), path_str(&output)]);
-        argv.extend(p.stage_args("eval", &reserved, None)?);
+        argv.extend(p.stage_args("eval", &reserved, None, &[])?);
         steps.push(Step {
             name: "eval",
             argv,
@@ -191,18 +191,34 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
                 p.path.display()
             ),
         };
+        // `source = "quantized"` exports the quantize stage's checkpoint (a
+        // 4-bit group-32 GPTQ model keeps its integers in Q4_0/Q4_1).
+        let source = match table.get("source").map(|v| v.as_str()) {
+            None | Some(Some("model")) => tuned.clone(),
+            Some(Some("quantized")) if steps.iter().any(|s| s.name == "quantize") => {
+                (path_str(&work.join("quantized")), Some("quantize"))
+            }
+            Some(Some("quantized")) => bail!(
+                "{}: [export] source = \"quantized\" needs a [quantize] stage",
+                p.path.display()
+            ),
+            _ => bail!(
+                "{}: [export] source must be \"model\" or \"quantized\"",
+                p.path.display()
+            ),
+        };
         let mut argv = vec![
             "export".to_string(),
             "--model".into(),
-            tuned.0.clone(),
+            source.0.clone(),
             "-o".into(),
             path_str(&output),
         ];
-        argv.extend(p.stage_args("export", &["model", "output"], None)?);
+        argv.extend(p.stage_args("export", &["model", "output"], None, &["source"])?);
         steps.push(Step {
             name: "export",
             argv,
-            inputs: vec![input_of(&tuned)],
+            inputs: vec![input_of(&source)],
             output,
         });
     }
