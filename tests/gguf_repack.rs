@@ -4,34 +4,15 @@
 //! to them up to the f16 rounding of the offset (Q4_1, asymmetric); other
 //! geometries are re-rounded and the export says so.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
+
+mod common;
+use common::{fixture, show};
 
 use qcoder::gguf::GgufFile;
 use qcoder::model::{read_config, Checkpoint};
 use qcoder::quant::checkpoint::{read_linear, QuantFormat};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name)
-}
-
-fn qcoder(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qcoder"))
-        .args(args)
-        .output()
-        .expect("running qcoder")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn quantize(model: &Path, out: &Path, extra: &[&str]) {
     let calib = out.with_extension("txt");
@@ -162,4 +143,9 @@ fn asymmetric_gptq_becomes_q4_1_and_other_geometries_are_named() {
     quantize(&fixture("qwen2"), &act, &["--act-order"]);
     let log = export(&act, "q4_0", &tmp.path().join("act.gguf"));
     assert!(log.contains("act-order"), "{log}");
+}
+
+fn qcoder(args: &[&str]) -> Output {
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    common::qcoder(&args, Path::new("."))
 }

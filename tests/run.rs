@@ -3,30 +3,10 @@
 //! the stages downstream of it, and bad pipeline files stop before any work.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name)
-}
-
-fn qcoder(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qcoder"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("running qcoder")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+mod common;
+use common::{fixture, show};
 
 /// A small code tree: a few Python files, enough for a train and an eval split.
 fn code_tree(dir: &Path) {
@@ -210,4 +190,9 @@ fn bad_pipeline_files_stop_before_any_stage_runs() {
             show(&out)
         );
     }
+}
+
+fn qcoder(dir: &Path, args: &[&str]) -> Output {
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    common::qcoder(&args, dir)
 }

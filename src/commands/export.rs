@@ -271,12 +271,10 @@ fn export_safetensors(args: &ExportArgs) -> Result<Outcome> {
         "f32" => (Dtype::F32, "float32"),
         other => anyhow::bail!("--dtype {other}: expected bf16, f16 or f32"),
     };
-    let max_shard = save::parse_size(&args.max_shard_size).with_context(|| {
-        format!(
-            "--max-shard-size {}: expected a size like 5GB or 500MB",
-            args.max_shard_size
-        )
-    })?;
+    let max_shard = crate::data::parse_size(&args.max_shard_size)
+        .map_err(anyhow::Error::msg)
+        .context("--max-shard-size")?;
+    anyhow::ensure!(max_shard > 0, "--max-shard-size must be more than 0 bytes");
     let dir = &args.model;
     // Validates the directory is a model qcoder understands.
     model::read_config(dir)?;

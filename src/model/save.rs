@@ -222,30 +222,6 @@ pub fn shard_index(specs: &[TensorSpec], shards: &[Vec<usize>]) -> serde_json::V
     json!({"metadata": {"total_size": total}, "weight_map": map})
 }
 
-/// Parses sizes like `5GB`, `500MB`, `2GiB`, `1000` (bytes), as transformers'
-/// `max_shard_size` does (decimal units; `iB` units binary).
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    let bytes = num * mult;
-    (bytes >= 1.0 && bytes.is_finite()).then_some(bytes as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,8 +275,5 @@ mod tests {
         assert_eq!(plan_shards(&specs, 80), vec![vec![0, 1], vec![2], vec![3]]);
         assert_eq!(plan_shards(&specs, 1000), vec![vec![0, 1, 2, 3]]);
         assert_eq!(shard_file_name(1, 3), "model-00002-of-00003.safetensors");
-        assert_eq!(parse_size("5GB"), Some(5_000_000_000));
-        assert_eq!(parse_size("2MiB"), Some(2 * 1024 * 1024));
-        assert_eq!(parse_size("lots"), None);
     }
 }

@@ -10,6 +10,11 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A tiny committed model of `tests/fixtures/models/`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures/models").join(name)
+}
+
 /// Fetches (or finds in the cache) a real asset through `scripts/fetch-assets`.
 pub fn asset(name: &str) -> PathBuf {
     let out = Command::new(root().join("scripts/fetch-assets"))
