@@ -13,4 +13,5 @@ pub mod infer;
 pub mod model;
 pub mod pipeline;
 pub mod quant;
+pub mod settings;
 pub mod tokenizer;

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use twox_hash::XxHash3_128;
 
+use crate::settings::{self, suggest};
+
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("reading {path}: {source}")]
@@ -65,16 +67,6 @@ pub enum ModelSource {
     Dir(String),
 }
 
-/// The closest of `candidates` to `key`, when it is close enough to be a typo.
-pub fn suggest<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates
-        .iter()
-        .map(|c| (strsim::levenshtein(key, c), *c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min()
-        .map(|(_, c)| c)
-}
-
 fn unknown_key(path: &Path, table: &str, key: &str, valid: &[&str]) -> PipelineError {
     let hint = match suggest(key, valid) {
         Some(s) => format!(" (did you mean `{s}`?)"),
@@ -89,45 +81,12 @@ fn unknown_key(path: &Path, table: &str, key: &str, valid: &[&str]) -> PipelineE
     }
 }
 
-/// Expands `~/` at the start and `${VAR}` / `${VAR:-default}` anywhere.
+/// [`settings::expand`] with the error naming the pipeline file.
 pub fn expand(text: &str, path: &Path) -> Result<String, PipelineError> {
-    let mut out = String::new();
-    let mut rest = text;
-    if let Some(tail) = rest.strip_prefix("~/") {
-        let home = std::env::var("HOME").map_err(|_| PipelineError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("`{text}` starts with ~ but HOME is not set"),
-        })?;
-        out.push_str(&home);
-        out.push('/');
-        rest = tail;
-    }
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| PipelineError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("unclosed ${{ in `{text}`"),
-        })?;
-        let spec = &after[..end];
-        let (name, default) = match spec.split_once(":-") {
-            Some((n, d)) => (n, Some(d)),
-            None => (spec, None),
-        };
-        match (std::env::var(name), default) {
-            (Ok(v), _) if !v.is_empty() => out.push_str(&v),
-            (_, Some(d)) => out.push_str(d),
-            _ => {
-                return Err(PipelineError::Invalid {
-                    path: path.to_path_buf(),
-                    message: format!("`{text}` uses ${{{name}}}, which is not set"),
-                })
-            }
-        }
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    settings::expand(text).map_err(|message| PipelineError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    })
 }
 
 fn expect_str<'a>(
@@ -487,15 +446,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("work_dir"), "{err}");
-    }
-
-    #[test]
-    fn variables_expand() {
-        std::env::set_var("QCODER_TEST_EXPAND", "/data");
-        let p = Path::new("p.toml");
-        assert_eq!(expand("${QCODER_TEST_EXPAND}/x", p).unwrap(), "/data/x");
-        assert_eq!(expand("${QCODER_TEST_UNSET_VAR:-d}/y", p).unwrap(), "d/y");
-        assert!(expand("${QCODER_TEST_UNSET_VAR}", p).is_err());
     }
 
     #[test]
