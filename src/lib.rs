@@ -10,6 +10,8 @@ pub mod device;
 pub mod eval;
 pub mod gguf;
 pub mod infer;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod train;

@@ -3,10 +3,12 @@
 
 pub mod eval;
 pub mod export;
+pub mod finetune;
 pub mod generate;
 pub mod import;
 pub mod ingest;
 pub mod inspect;
+pub mod merge;
 pub mod quantize;
 mod staging;
 
@@ -33,5 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Ingest(args) => ingest::run(args, cli.threads),
         Command::Import(args) => import::run(args),
         Command::Export(args) => export::run(args),
+        Command::Finetune(args) => finetune::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }
