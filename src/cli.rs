@@ -45,6 +45,17 @@ pub enum Command {
     /// Write a model directory as GGUF (llama.cpp, Ollama, LM Studio) or as a
     /// sharded safetensors directory (transformers, vLLM).
     Export(ExportArgs),
+    // --- LoRA fine-tuning (issue 5) ---
+    /// LoRA fine-tune a model on your code, as a recipe.toml describes
+    /// (recipes/README.md documents every field).
+    ///
+    /// Writes OUT/adapter (PEFT layout), OUT/metrics.jsonl, OUT/loss.svg,
+    /// checkpoints in OUT/checkpoints/step-N and, with `merge = true`,
+    /// OUT/merged.
+    Finetune(FinetuneArgs),
+    /// Fold a LoRA adapter (PEFT layout) into its base model and write the
+    /// result as a model directory.
+    Merge(MergeArgs),
     /// Run a pipeline file: import → ingest → finetune → quantize → eval →
     /// export as one batch job. Each stage is skipped when the content hash
     /// of its inputs matches its last finished run, so a killed job resumes
@@ -458,6 +469,41 @@ pub struct ExportArgs {
     /// Output: the .gguf file, or the directory for safetensors.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+
+    /// Continue from the newest checkpoint in OUT/checkpoints (written by the
+    /// same recipe); later steps repeat an uninterrupted run exactly.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Stop after optimizer step N, as an interruption would: checkpoints
+    /// written so far remain and --resume continues the run (time-boxed jobs).
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model directory (HF layout) or hub id.
+    #[arg(long, short = 'm')]
+    pub model: String,
+
+    /// Adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+
+    /// Output model directory (must not exist, or be empty).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+
+    /// Largest safetensors shard (e.g. 5GB, 500MB).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
 }
 
 #[derive(Debug, Args)]

@@ -3,10 +3,12 @@
 
 pub mod eval;
 pub mod export;
+pub mod finetune;
 pub mod generate;
 pub mod import;
 pub mod ingest;
 pub mod inspect;
+pub mod merge;
 pub mod quantize;
 pub mod run;
 mod staging;
@@ -39,6 +41,8 @@ pub fn dispatch(command: Command, threads: Option<i32>) -> anyhow::Result<Outcom
         Command::Ingest(args) => ingest::run(args, threads),
         Command::Import(args) => import::run(args),
         Command::Export(args) => export::run(args),
+        Command::Finetune(args) => finetune::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Run(args) => run::run(args, threads),
     }
 }

@@ -8,13 +8,16 @@
 //! shards          → Parquet output, HF `datasets` naming
 //! pipeline        → the stages wired together, parallel and deterministic
 //! texts           → documents for calibration and evaluation from any of those
+//! fim / packing   → training samples: fill-in-the-middle, fixed-length blocks
 
 pub mod dataset;
 pub mod dedup;
 pub mod filter;
+pub mod fim;
 pub mod git;
 pub mod languages;
 pub mod license;
+pub mod packing;
 pub mod pipeline;
 pub mod secrets;
 pub mod shards;

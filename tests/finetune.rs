@@ -1,0 +1,466 @@
+//! LoRA fine-tuning against PEFT, exact resume, and bad recipes.
+//!
+//! The PEFT reference (tests/fixtures/lora/) is made by
+//! scripts/gen_lora_reference.py; the live PEFT checks run
+//! tests/python/peft_check.py in the project venv.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{python, qcoder, qcoder_ok, root, show};
+use qcoder::lora::{Adapter, LoraConfig};
+use qcoder::model::{self, Checkpoint, LoadOptions};
+use qcoder::train::optim::{AdamW, AdamWConfig};
+use qcoder::train::recipe::Schedule;
+use qcoder::train::schedule::LrSchedule;
+use qcoder::train::{loss, Trainer};
+use tch::{Device, Kind, Tensor};
+
+fn fixture_model() -> PathBuf {
+    root().join("tests/fixtures/models/qwen2")
+}
+
+fn f32_opts() -> LoadOptions {
+    LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+    }
+}
+
+/// max |a - b| / max |b|
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = (a - b).abs().max().double_value(&[]);
+    diff / b.abs().max().double_value(&[]).max(1e-12)
+}
+
+#[test]
+fn one_adamw_step_matches_peft() {
+    let dir = root().join("tests/fixtures/lora");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let reference = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
+    let get = |name: &str| {
+        reference
+            .tensor_any_shape(name, Kind::Float, Device::Cpu)
+            .unwrap()
+    };
+    let ids = |name: &str| {
+        reference
+            .tensor_any_shape(name, Kind::Int64, Device::Cpu)
+            .unwrap()
+    };
+    let f = |k: &str| meta[k].as_f64().unwrap();
+
+    let mut model = model::load_dir(&fixture_model(), f32_opts()).unwrap();
+    let targets: Vec<String> = meta["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let config = LoraConfig {
+        r: meta["r"].as_u64().unwrap() as usize,
+        alpha: f("alpha"),
+        dropout: 0.0,
+        use_rslora: false,
+        targets,
+    };
+    let adapter = Adapter::attach(&mut model, &config).unwrap();
+    adapter.load_weights(&dir.join("init")).unwrap();
+    let params = adapter.params();
+    assert_eq!(params.len(), 2 * 7 * 2);
+
+    // Gradients of step 1 (before clipping) and the loss.
+    let batch1 = ids("batch1");
+    let hidden = model.forward_hidden(&batch1, None).unwrap();
+    let n = (batch1.size()[0] * (batch1.size()[1] - 1)) as f64;
+    let (sum, _) =
+        loss::next_token_loss(model.lm_head.as_ref(), &hidden, &batch1, Some(1.0 / n), 7).unwrap();
+    let want_loss = meta["losses"][0].as_f64().unwrap();
+    assert!(
+        (sum / n - want_loss).abs() < 1e-5,
+        "loss {} vs PEFT {want_loss}",
+        sum / n
+    );
+    let mut worst_grad: f64 = 0.0;
+    for (name, p) in &params {
+        let d = rel_diff(&p.grad(), &get(&format!("grad1.{name}")));
+        worst_grad = worst_grad.max(d);
+        assert!(d < 1e-4, "{name}: gradient differs by {d:e} (relative)");
+        p.shallow_clone().zero_grad();
+    }
+
+    let betas = &meta["betas"];
+    let opt = AdamW::new(
+        adapter.params(),
+        AdamWConfig {
+            betas: (betas[0].as_f64().unwrap(), betas[1].as_f64().unwrap()),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        },
+    );
+    let mut trainer = Trainer {
+        adapter,
+        opt,
+        schedule: LrSchedule {
+            kind: Schedule::Constant,
+            base_lr: f("lr"),
+            warmup: 0,
+            total: 2,
+        },
+        max_grad_norm: 0.0,
+        seed: 0,
+    };
+    let mut worst_param: f64 = 0.0;
+    for (step, batch) in ["batch1", "batch2"].iter().enumerate() {
+        trainer.max_grad_norm = meta["max_grad_norms"][step].as_f64().unwrap();
+        let stats = trainer.step(&model, &[ids(batch)], step).unwrap();
+        let want = meta["grad_norms"][step].as_f64().unwrap();
+        assert!(
+            (stats.grad_norm - want).abs() < 1e-5 * want,
+            "step {}: grad norm {} vs PEFT {want}",
+            step + 1,
+            stats.grad_norm
+        );
+        for (name, p) in &params {
+            let d = rel_diff(p, &get(&format!("step{}.{name}", step + 1)));
+            worst_param = worst_param.max(d);
+            assert!(
+                d < 1e-4,
+                "step {}: {name} differs by {d:e} (relative)",
+                step + 1
+            );
+        }
+    }
+    eprintln!("worst relative difference: gradients {worst_grad:e}, parameters {worst_param:e}");
+}
+
+/// Training text: a few source files of this repository.
+fn write_data(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in [
+        "scripts/gen_fixtures.py",
+        "scripts/gen_lora_reference.py",
+        "tests/python/peft_check.py",
+    ] {
+        let src = root().join(f);
+        std::fs::copy(&src, data.join(src.file_name().unwrap())).unwrap();
+    }
+    data
+}
+
+fn recipe(data: &Path, out: &str, extra_train: &str, extra_lora: &str) -> String {
+    format!(
+        r#"
+[model]
+path = "{model}"
+
+[data]
+train = ["{data}"]
+seq_len = 32
+fim_rate = 0.5
+fim_spm_rate = 0.5
+eval_fraction = 0.1
+
+[lora]
+r = 4
+alpha = 8
+target_modules = "all-linear"
+{extra_lora}
+
+[train]
+lr = 1e-2
+schedule = "cosine"
+warmup_steps = 2
+micro_batch = 2
+grad_accum = 2
+seed = 7
+{extra_train}
+
+[eval]
+every = 4
+max_batches = 4
+
+[output]
+dir = "{out}"
+"#,
+        model = fixture_model().display(),
+        data = data.display(),
+    )
+}
+
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn trained_adapter_loads_in_peft_and_merges_like_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let text = recipe(&data, "out", "max_steps = 12", "")
+        .replace("dir = \"out\"", "dir = \"out\"\nmerge = true");
+    std::fs::write(tmp.path().join("recipe.toml"), text).unwrap();
+    let run = qcoder_ok(&[&"finetune", &"recipe.toml"], tmp.path());
+    let out = tmp.path().join("out");
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss.svg",
+        "merged/config.json",
+        "merged/tokenizer.json",
+        "merged/model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing:\n{}", show(&run));
+    }
+    let rows = metrics(&out);
+    assert_eq!(rows.len(), 12);
+    let first = rows[0]["loss"].as_f64().unwrap();
+    let last = rows[11]["loss"].as_f64().unwrap();
+    let evals: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["eval_loss"].as_f64())
+        .collect();
+    assert_eq!(evals.len(), 3);
+    assert!(last < first, "loss did not decrease: {first} -> {last}");
+    assert!(evals[2] < evals[0], "eval loss did not decrease: {evals:?}");
+    eprintln!("loss {first:.4} -> {last:.4}, eval {evals:?}");
+
+    // `qcoder merge` writes what `merge = true` wrote.
+    let merged2 = tmp.path().join("merged2");
+    qcoder_ok(
+        &[
+            &"merge",
+            &"--model",
+            &fixture_model(),
+            &"--adapter",
+            &out.join("adapter"),
+            &"-o",
+            &merged2,
+        ],
+        tmp.path(),
+    );
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(bytes(&merged2) == bytes(&out.join("merged")));
+
+    // qcoder's logits with the adapter, for PEFT to compare against.
+    let mut model = model::load_dir(&fixture_model(), f32_opts()).unwrap();
+    let adapter = Adapter::attach(
+        &mut model,
+        &LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: Vec::new(),
+        },
+    )
+    .unwrap();
+    adapter.load_weights(&out.join("adapter")).unwrap();
+    let ids = (Tensor::arange(40, (Kind::Int64, Device::Cpu)).view([2, 20]) * 7).remainder(500);
+    let logits = tch::no_grad(|| model.forward(&ids, None).unwrap());
+    let logits_path = tmp.path().join("qcoder_logits.safetensors");
+    qcoder::lora::save_tensors(
+        &logits_path,
+        &[("input_ids".into(), ids), ("logits".into(), logits)],
+    )
+    .unwrap();
+    let check = Command::new(python())
+        .arg(root().join("tests/python/peft_check.py"))
+        .arg(fixture_model())
+        .arg(out.join("adapter"))
+        .arg(out.join("merged"))
+        .arg(&logits_path)
+        .output()
+        .expect("the project venv with peft (scripts/requirements-test.txt)");
+    assert!(
+        check.status.success(),
+        "peft_check.py failed:\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    eprintln!("PEFT check: {result}");
+    assert!(
+        result["logits_max_diff"].as_f64().unwrap() <= 1e-4,
+        "{result}"
+    );
+    assert!(
+        result["merge_max_diff"].as_f64().unwrap() <= 1e-5,
+        "{result}"
+    );
+    assert_eq!(
+        result["missing_in_merged"],
+        serde_json::json!([]),
+        "{result}"
+    );
+}
+
+#[test]
+fn resumed_run_repeats_the_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let extra_train = "max_steps = 7";
+    let extra_lora = "dropout = 0.1";
+    let checkpoints = "\n[checkpoint]\nevery = 2\nkeep_last = 2\n";
+    for out in ["full", "split"] {
+        let text = recipe(&data, out, extra_train, extra_lora) + checkpoints;
+        std::fs::write(tmp.path().join(format!("{out}.toml")), text).unwrap();
+    }
+    qcoder_ok(&[&"finetune", &"full.toml"], tmp.path());
+    let stopped = qcoder_ok(
+        &[&"finetune", &"split.toml", &"--stop-after", &"5"],
+        tmp.path(),
+    );
+    let split = tmp.path().join("split");
+    assert!(!split.join("adapter").exists(), "{}", show(&stopped));
+    let kept: Vec<_> = std::fs::read_dir(split.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, vec!["step-2", "step-4"]);
+    // Starting again without --resume would clobber the run: refused.
+    let again = qcoder(&[&"finetune", &"split.toml"], tmp.path());
+    assert_eq!(again.status.code(), Some(2), "{}", show(&again));
+    qcoder_ok(&[&"finetune", &"split.toml", &"--resume"], tmp.path());
+
+    let (a, b) = (metrics(&tmp.path().join("full")), metrics(&split));
+    assert_eq!(a.len(), 7);
+    assert_eq!(b.len(), 7);
+    for (ra, rb) in a.iter().zip(&b) {
+        for key in ["step", "loss", "lr", "grad_norm", "eval_loss"] {
+            assert_eq!(ra[key], rb[key], "{key} differs:\n{ra}\n{rb}");
+        }
+    }
+    let load =
+        |dir: &Path| Checkpoint::open(&dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let (ca, cb) = (load(&tmp.path().join("full")), load(&split));
+    for meta in ca.tensors() {
+        let (_, x) = ca.raw(meta.name).unwrap();
+        let (_, y) = cb.raw(meta.name).unwrap();
+        assert!(x == y, "{} differs after resume", meta.name);
+    }
+}
+
+#[test]
+fn bad_recipes_exit_2_naming_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let good = recipe(&data, "out", "max_steps = 1", "");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "typo",
+            good.replace("seq_len = 32", "seq_lenn = 32"),
+            &["seq_lenn", "did you mean `seq_len`"],
+        ),
+        (
+            "section",
+            good.replace("[eval]", "[evaluation]"),
+            &["evaluation", "did you mean `eval`"],
+        ),
+        (
+            "model",
+            good.replace(&fixture_model().display().to_string(), "/nonexistent/model"),
+            &["[model] path"],
+        ),
+        (
+            "data",
+            good.replace(&data.display().to_string(), "/nonexistent/data"),
+            &["[data]", "/nonexistent/data"],
+        ),
+        (
+            "target",
+            good.replace("\"all-linear\"", "[\"q_proj\", \"qkv_proj\"]"),
+            &["[lora] target_modules", "qkv_proj"],
+        ),
+        (
+            "context",
+            good.replace("seq_len = 32", "seq_len = 4096"),
+            &["seq_len = 4096", "256"],
+        ),
+        (
+            "empty",
+            good.replace(&data.display().to_string(), &empty.display().to_string()),
+            &["no text found"],
+        ),
+        (
+            "dora",
+            good.replace("target_modules", "use_dora = true\ntarget_modules"),
+            &["lora.use_dora"],
+        ),
+        (
+            "schedule",
+            good.replace("\"cosine\"", "\"cosin\""),
+            &["cosin"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = qcoder(&[&"finetune", &path], tmp.path());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}:\n{}", show(&out));
+        for n in needles {
+            assert!(stderr.contains(n), "{name}: `{n}` not in:\n{stderr}");
+        }
+        assert!(
+            !tmp.path().join("out").exists(),
+            "{name} left output behind"
+        );
+    }
+    // --resume without a checkpoint, and with another recipe's checkpoint.
+    let path = tmp.path().join("good.toml");
+    std::fs::write(&path, &good).unwrap();
+    let out = qcoder(&[&"finetune", &path, &"--resume"], tmp.path());
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint"));
+    let with_ckpt = good.replace("max_steps = 1", "max_steps = 2") + "\n[checkpoint]\nevery = 1\n";
+    std::fs::write(&path, &with_ckpt).unwrap();
+    qcoder_ok(&[&"finetune", &path, &"--stop-after", &"1"], tmp.path());
+    std::fs::write(&path, with_ckpt.replace("lr = 1e-2", "lr = 1e-3")).unwrap();
+    let out = qcoder(&[&"finetune", &path, &"--resume"], tmp.path());
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("different recipe"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn merge_command_rejects_a_foreign_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type": "IA3", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    let out = qcoder(
+        &[
+            &"merge",
+            &"--model",
+            &fixture_model(),
+            &"--adapter",
+            &adapter,
+            &"-o",
+            &tmp.path().join("merged"),
+        ],
+        tmp.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only LORA"));
+    assert!(!tmp.path().join("merged").exists());
+}
