@@ -34,6 +34,12 @@ split_by = "file"
 eval_fraction = 0.3
 dedup = "exact"
 
+[finetune]
+recipe = "recipe.toml"
+
+[finetune.train]
+max_steps = 3
+
 [quantize]
 method = "gptq"
 bits = 4
@@ -55,6 +61,36 @@ type = "q8_0"
     );
     let path = dir.join("pipeline.toml");
     std::fs::write(&path, text).unwrap();
+    // The pipeline sets the recipe's model, data and output.
+    let recipe = r#"
+[model]
+path = "set-by-the-pipeline"
+
+[data]
+train = []
+seq_len = 32
+fim_rate = 0.5
+
+[lora]
+r = 4
+alpha = 8
+target_modules = "all-linear"
+
+[train]
+lr = 1e-2
+warmup_steps = 1
+max_steps = 50
+micro_batch = 2
+seed = 7
+
+[eval]
+every = 2
+max_batches = 2
+
+[output]
+dir = "set-by-the-pipeline"
+"#;
+    std::fs::write(dir.join("recipe.toml"), recipe).unwrap();
     path
 }
 
@@ -78,17 +114,30 @@ fn runs_every_stage_then_resumes_from_what_changed() {
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(
         stages_that_ran(&out),
-        ["ingest", "quantize", "eval", "export"],
+        ["ingest", "finetune", "quantize", "eval", "export"],
         "{}",
         show(&out)
     );
     let work = dir.join("work");
+    // The recipe's max_steps = 50, overridden by [finetune.train].
+    let metrics = std::fs::read_to_string(work.join("finetune/metrics.jsonl")).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(metrics.lines().rfind(|l| l.contains("\"loss\"")).unwrap()).unwrap();
+    assert_eq!(last["step"], 3, "{metrics}");
+    assert!(work.join("finetune/adapter/adapter_config.json").is_file());
+    assert!(work.join("finetune/merged/config.json").is_file());
     assert!(work.join("data/stats.json").is_file());
     assert!(work.join("quantized/quantize_config.json").is_file());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("report/report.json")).unwrap())
             .unwrap();
-    assert_eq!(report["models"].as_array().unwrap().len(), 2, "{report}");
+    let names: Vec<&str> = report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "tuned", "quantized"], "{report}");
     let gguf = work.join("model-q8_0.gguf");
     assert_eq!(&std::fs::read(&gguf).unwrap()[..4], b"GGUF");
     let state: serde_json::Value =
@@ -101,8 +150,7 @@ fn runs_every_stage_then_resumes_from_what_changed() {
     assert!(out.status.success(), "{}", show(&out));
     assert!(stages_that_ran(&out).is_empty(), "{}", show(&out));
 
-    // A new file in the corpus changes the data, hence calibration and eval;
-    // the export reads only the model, so it stays.
+    // A new file in the corpus changes the data, hence every later stage.
     std::fs::write(
         dir.join("code/extra.py"),
         "def extra(y):\n    return [v * 2 for v in range(y)]\n",
@@ -112,7 +160,7 @@ fn runs_every_stage_then_resumes_from_what_changed() {
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(
         stages_that_ran(&out),
-        ["ingest", "quantize", "eval"],
+        ["ingest", "finetune", "quantize", "eval", "export"],
         "{}",
         show(&out)
     );
@@ -151,7 +199,7 @@ fn bad_pipeline_files_stop_before_any_stage_runs() {
     let dir = tmp.path();
     code_tree(&dir.join("code"));
     let good = std::fs::read_to_string(pipeline(dir, "ppl<=1.5*base")).unwrap();
-    let cases: [(&str, String, &str); 5] = [
+    let cases: [(&str, String, &str); 6] = [
         (
             "misspelled section",
             good.replace("[quantize]", "[quantise]"),
@@ -171,6 +219,11 @@ fn bad_pipeline_files_stop_before_any_stage_runs() {
             "missing model",
             good.replace("[model]\npath", "[model]\npaht"),
             "unknown key `paht`",
+        ),
+        (
+            "misspelled recipe key",
+            good.replace("max_steps = 3", "max_stepz = 3"),
+            "did you mean `max_steps`",
         ),
         (
             "missing input",

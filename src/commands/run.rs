@@ -21,6 +21,8 @@ use crate::pipeline::{
 enum Input {
     Stage(&'static str),
     External(String),
+    /// A file the pipeline writes for the stage (the derived recipe).
+    Text(String),
 }
 
 /// One stage, ready to run: its command line and what it reads and writes.
@@ -29,6 +31,11 @@ struct Step {
     argv: Vec<String>,
     inputs: Vec<Input>,
     output: PathBuf,
+    /// Files written just before the stage runs.
+    files: Vec<(PathBuf, String)>,
+    /// The stage continues an interrupted run of itself with `--resume` when
+    /// this directory has entries.
+    resume_from: Option<PathBuf>,
 }
 
 fn table_text(p: &Pipeline, name: &str) -> String {
@@ -63,6 +70,8 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
                 argv,
                 inputs: vec![Input::External(path_str(file))],
                 output: output.clone(),
+                files: Vec::new(),
+                resume_from: None,
             });
             (path_str(&output), Some("import"))
         }
@@ -118,13 +127,32 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             argv,
             inputs: sources.into_iter().map(Input::External).collect(),
             output: output.clone(),
+            files: Vec::new(),
+            resume_from: None,
         });
         data = Some((path_str(&output), Some("ingest")));
     }
 
     // The model the later stages use: the fine-tuned one when there is a
     // finetune stage, else the base.
-    let tuned = base.clone();
+    let mut tuned = base.clone();
+    if let Some(table) = p.stage("finetune") {
+        let output = work.join("finetune");
+        let (recipe_path, text) = finetune_recipe(p, table, &base.0, data.as_ref(), &output)?;
+        let mut inputs = vec![input_of(&base), Input::Text(text.clone())];
+        if let Some(d) = &data {
+            inputs.push(input_of(d));
+        }
+        steps.push(Step {
+            name: "finetune",
+            argv: vec!["finetune".into(), path_str(&recipe_path)],
+            inputs,
+            output: output.clone(),
+            files: vec![(recipe_path, text)],
+            resume_from: Some(output.join("checkpoints")),
+        });
+        tuned = (path_str(&output.join("merged")), Some("finetune"));
+    }
 
     if p.stage("quantize").is_some() {
         let output = work.join("quantized");
@@ -148,6 +176,8 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             argv,
             inputs,
             output,
+            files: Vec::new(),
+            resume_from: None,
         });
     }
 
@@ -156,6 +186,10 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
         let mut reserved = vec!["model", "output"];
         let mut argv = vec!["eval".to_string(), "-m".into(), format!("base={}", base.0)];
         let mut inputs = vec![input_of(&base)];
+        if steps.iter().any(|s| s.name == "finetune") {
+            argv.extend(["-m".to_string(), format!("tuned={}", tuned.0)]);
+            inputs.push(Input::Stage("finetune"));
+        }
         if steps.iter().any(|s| s.name == "quantize") {
             argv.extend([
                 "-m".to_string(),
@@ -175,6 +209,8 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             argv,
             inputs,
             output,
+            files: Vec::new(),
+            resume_from: None,
         });
     }
 
@@ -220,15 +256,115 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             argv,
             inputs: vec![input_of(&source)],
             output,
+            files: Vec::new(),
+            resume_from: None,
         });
     }
     Ok(steps)
 }
 
+/// The recipe the finetune stage runs: `[finetune] recipe` with the other
+/// tables of `[finetune]` laid over its sections (`[finetune.train]
+/// max_steps = 8`), and the model, data and output wired to the pipeline's.
+/// Written to `WORK/.qcoder/finetune.recipe.toml` when the stage runs.
+fn finetune_recipe(
+    p: &Pipeline,
+    table: &toml::Table,
+    base: &str,
+    data: Option<&(String, Option<&'static str>)>,
+    output: &Path,
+) -> Result<(PathBuf, String)> {
+    let file = table
+        .get("recipe")
+        .and_then(|v| v.as_str())
+        .with_context(|| {
+            format!(
+                "{}: [finetune] needs recipe = \"FILE.toml\"",
+                p.path.display()
+            )
+        })?;
+    let file = PathBuf::from(pipeline::expand(file, &p.path)?);
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{} [finetune]: reading the recipe {}",
+            p.path.display(),
+            file.display()
+        )
+    })?;
+    let mut recipe: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", file.display()))?;
+    for (key, value) in table {
+        if key == "recipe" {
+            continue;
+        }
+        let toml::Value::Table(over) = value else {
+            bail!(
+                "{} [finetune] {key}: expected a table such as [finetune.train] laid over the recipe's [train]",
+                p.path.display()
+            );
+        };
+        let section = recipe
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section) = section.as_table_mut() else {
+            bail!("{}: `{key}` is not a table", file.display());
+        };
+        for (k, v) in over {
+            section.insert(k.clone(), v.clone());
+        }
+    }
+    let absolute = |path: &Path| -> Result<String> {
+        Ok(std::path::absolute(path)
+            .with_context(|| format!("resolving {}", path.display()))?
+            .to_string_lossy()
+            .into_owned())
+    };
+    let mut set = |section: &str, key: &str, value: toml::Value| {
+        if let Some(t) = recipe
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+        {
+            t.insert(key.to_string(), value);
+        }
+    };
+    let base_path = if Path::new(base).exists() {
+        absolute(Path::new(base))?
+    } else {
+        base.to_string()
+    };
+    set("model", "path", toml::Value::String(base_path));
+    if let Some((dir, _)) = data {
+        let dir = absolute(Path::new(dir))?;
+        set(
+            "data",
+            "train",
+            toml::Value::Array(vec![toml::Value::String(dir)]),
+        );
+        // The ingest output's eval split is the held-out set.
+        set("data", "eval", toml::Value::Array(Vec::new()));
+    }
+    set("output", "dir", toml::Value::String(absolute(output)?));
+    set("output", "merge", toml::Value::Boolean(true));
+    let text = toml::to_string(&recipe).context("writing the derived recipe")?;
+    crate::train::recipe::Recipe::parse(&text).map_err(|msg| {
+        anyhow::anyhow!(
+            "{} [finetune] with the recipe {}: {msg}",
+            p.path.display(),
+            file.display()
+        )
+    })?;
+    Ok((
+        p.work_dir.join(".qcoder").join("finetune.recipe.toml"),
+        text,
+    ))
+}
+
 /// Parses a stage's command line as the command itself would, so a wrong key
 /// in any stage stops the job before the first stage runs.
-fn parse_stage(p: &Pipeline, step: &Step) -> Result<Command> {
-    let argv = std::iter::once("qcoder".to_string()).chain(step.argv.iter().cloned());
+fn parse_stage(p: &Pipeline, name: &str, argv: &[String]) -> Result<Command> {
+    let argv = std::iter::once("qcoder".to_string()).chain(argv.iter().cloned());
     match Cli::try_parse_from(argv) {
         Ok(cli) => Ok(cli.command),
         Err(err) => {
@@ -241,9 +377,9 @@ fn parse_stage(p: &Pipeline, step: &Step) -> Result<Command> {
             bail!(
                 "{} [{}]: {first} (keys of a stage table are the long flags of `qcoder {}`; see `qcoder {} --help`)",
                 p.path.display(),
-                step.name,
-                step.name,
-                step.name
+                name,
+                name,
+                name
             )
         }
     }
@@ -268,6 +404,7 @@ fn input_hash(p: &Pipeline, step: &Step, done: &[StageState]) -> Result<String> 
             }
             // A hub id or URL: its name stands for it.
             Input::External(name) => name.clone(),
+            Input::Text(text) => text.clone(),
         });
     }
     Ok(hash_parts(&parts))
@@ -292,7 +429,7 @@ pub fn run(args: RunArgs, threads: Option<i32>) -> Result<Outcome> {
     }
     let commands = steps
         .iter()
-        .map(|step| parse_stage(&p, step))
+        .map(|step| parse_stage(&p, step.name, &step.argv))
         .collect::<Result<Vec<_>>>()?;
     for name in &args.force {
         if !steps.iter().any(|s| s.name == name) {
@@ -322,9 +459,35 @@ pub fn run(args: RunArgs, threads: Option<i32>) -> Result<Outcome> {
                 state
             }
             (_, command) => {
-                eprintln!("== {header}: qcoder {}", step.argv.join(" "));
                 StageState::forget(&p.work_dir, step.name)?;
-                remove_stale(&step.output)?;
+                // A stage that was interrupted with the same inputs continues
+                // from its checkpoints; anything else starts clean.
+                let marker = p
+                    .work_dir
+                    .join(".qcoder")
+                    .join(format!("{}.running", step.name));
+                let same_run = std::fs::read_to_string(&marker).is_ok_and(|h| h == hash);
+                let resumable = step.resume_from.as_ref().is_some_and(|dir| {
+                    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+                });
+                let mut argv = step.argv.clone();
+                let command = if same_run && resumable {
+                    argv.push("--resume".into());
+                    parse_stage(&p, step.name, &argv)?
+                } else {
+                    remove_stale(&step.output)?;
+                    command
+                };
+                for (path, text) in &step.files {
+                    std::fs::create_dir_all(path.parent().expect("a file in the work dir"))
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    std::fs::write(path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                std::fs::create_dir_all(marker.parent().expect("a file in the work dir"))?;
+                std::fs::write(&marker, &hash)
+                    .with_context(|| format!("writing {}", marker.display()))?;
+                eprintln!("== {header}: qcoder {}", argv.join(" "));
                 let start = Instant::now();
                 let outcome = super::dispatch(command, threads)
                     .with_context(|| format!("pipeline stage {}", step.name))?;
@@ -336,9 +499,10 @@ pub fn run(args: RunArgs, threads: Option<i32>) -> Result<Outcome> {
                     files: fingerprint(&step.output)?,
                     passed: outcome == Outcome::Success,
                     seconds: start.elapsed().as_secs_f64(),
-                    command: step.argv.clone(),
+                    command: argv,
                 };
                 state.save(&p.work_dir)?;
+                let _ = std::fs::remove_file(&marker);
                 summary.push((step.name, "ran", state.seconds));
                 state
             }
