@@ -311,7 +311,11 @@ fn resumed_run_repeats_the_uninterrupted_one() {
     let extra_lora = "dropout = 0.1";
     let checkpoints = "\n[checkpoint]\nevery = 2\nkeep_last = 2\n";
     for out in ["full", "split"] {
-        let text = recipe(&data, out, extra_train, extra_lora) + checkpoints;
+        // Repository-level samples on, so they are exercised end to end.
+        let text = recipe(&data, out, extra_train, extra_lora).replace(
+            "fim_spm_rate = 0.5",
+            "fim_spm_rate = 0.5\nrepo_level_rate = 1.0",
+        ) + checkpoints;
         std::fs::write(tmp.path().join(format!("{out}.toml")), text).unwrap();
     }
     qcoder_ok(&[&"finetune", &"full.toml"], tmp.path());
@@ -331,6 +335,11 @@ fn resumed_run_repeats_the_uninterrupted_one() {
     // Starting again without --resume would clobber the run: refused.
     let again = qcoder(&[&"finetune", &"split.toml"], tmp.path());
     assert_eq!(again.status.code(), Some(2), "{}", show(&again));
+    assert!(
+        String::from_utf8_lossy(&stopped.stderr).contains("1 repository-level samples"),
+        "{}",
+        show(&stopped)
+    );
     qcoder_ok(&[&"finetune", &"split.toml", &"--resume"], tmp.path());
 
     let (a, b) = (metrics(&tmp.path().join("full")), metrics(&split));
@@ -463,4 +472,22 @@ fn merge_command_rejects_a_foreign_adapter() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only LORA"));
     assert!(!tmp.path().join("merged").exists());
+}
+
+#[test]
+fn diverging_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let text = recipe(&data, "out", "max_steps = 4", "").replace("lr = 1e-2", "lr = 1e30")
+        + "\n[checkpoint]\nevery = 1\nkeep_last = 1\n";
+    std::fs::write(tmp.path().join("r.toml"), text).unwrap();
+    let out = qcoder(&[&"finetune", &"r.toml"], tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr.contains("step 2: the loss is"), "{stderr}");
+    assert!(tmp
+        .path()
+        .join("out/checkpoints/step-1/adapter_model.safetensors")
+        .is_file());
+    assert!(!tmp.path().join("out/adapter").exists());
 }
