@@ -272,8 +272,8 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         let batches = cursor.next_step(t.grad_accum, t.micro_batch, device)?;
         let started = Instant::now();
         let stats = trainer.step(&model, &batches, step)?;
-        let tokens_per_s = (stats.tokens + batches.len() as i64 * t.micro_batch as i64) as f64
-            / started.elapsed().as_secs_f64();
+        let tokens = batches.len() * t.micro_batch * seq_len;
+        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
         let done = step + 1;
         first_loss.get_or_insert(stats.loss);
         last = Some(stats.loss);

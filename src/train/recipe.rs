@@ -676,6 +676,17 @@ dir = "out"
     }
 
     #[test]
+    fn shipped_recipes_are_valid() {
+        for text in [
+            include_str!("../../recipes/demo.toml"),
+            include_str!("../../recipes/qwen2.5-coder-7b-gpu.toml"),
+        ] {
+            let r = Recipe::parse(text).unwrap();
+            r.validate().unwrap();
+        }
+    }
+
+    #[test]
     fn paths_expand_variables() {
         std::env::set_var("QCODER_RECIPE_TEST", "/x");
         assert_eq!(expand("${QCODER_RECIPE_TEST}/m").unwrap(), "/x/m");
