@@ -334,9 +334,11 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         }
         if args.stop_after == Some(done) && !is_last {
             bar.finish_and_clear();
-            eprintln!(
-                "stopped after step {done} of {total_steps} (--stop-after); continue with --resume"
-            );
+            let hint = match checkpoint::list(&ckpt_root).last() {
+                Some((step, _)) => format!("--resume continues from step {step}"),
+                None => "no checkpoint was written ([checkpoint] every = 0)".into(),
+            };
+            eprintln!("stopped after step {done} of {total_steps} (--stop-after); {hint}");
             return Ok(Outcome::Success);
         }
     }
