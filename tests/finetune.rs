@@ -222,16 +222,18 @@ fn trained_adapter_loads_in_peft_and_merges_like_peft() {
         assert!(out.join(f).is_file(), "{f} missing:\n{}", show(&run));
     }
     let rows = metrics(&out);
-    assert_eq!(rows.len(), 12);
-    let first = rows[0]["loss"].as_f64().unwrap();
-    let last = rows[11]["loss"].as_f64().unwrap();
+    // Step 0 (the base model's eval loss), then steps 1..=12.
+    assert_eq!(rows.len(), 13);
+    assert_eq!(rows[0]["step"], 0);
+    let first = rows[1]["loss"].as_f64().unwrap();
+    let last = rows[12]["loss"].as_f64().unwrap();
     let evals: Vec<f64> = rows
         .iter()
         .filter_map(|r| r["eval_loss"].as_f64())
         .collect();
-    assert_eq!(evals.len(), 3);
+    assert_eq!(evals.len(), 4);
     assert!(last < first, "loss did not decrease: {first} -> {last}");
-    assert!(evals[2] < evals[0], "eval loss did not decrease: {evals:?}");
+    assert!(evals[3] < evals[0], "eval loss did not decrease: {evals:?}");
     eprintln!("loss {first:.4} -> {last:.4}, eval {evals:?}");
 
     // `qcoder merge` writes what `merge = true` wrote.
@@ -343,8 +345,8 @@ fn resumed_run_repeats_the_uninterrupted_one() {
     qcoder_ok(&[&"finetune", &"split.toml", &"--resume"], tmp.path());
 
     let (a, b) = (metrics(&tmp.path().join("full")), metrics(&split));
-    assert_eq!(a.len(), 7);
-    assert_eq!(b.len(), 7);
+    assert_eq!(a.len(), 8);
+    assert_eq!(b.len(), 8);
     for (ra, rb) in a.iter().zip(&b) {
         for key in ["step", "loss", "lr", "grad_norm", "eval_loss"] {
             assert_eq!(ra[key], rb[key], "{key} differs:\n{ra}\n{rb}");

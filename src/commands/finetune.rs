@@ -267,7 +267,18 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     let base_name = recipe.model.path.clone();
     let mut first_loss = None;
     let mut last = None;
-    let mut last_eval = None;
+    let (mut first_eval, mut last_eval) = (None, None);
+    if start_step == 0 && recipe.eval.every > 0 {
+        // The base model's eval loss: the point the curve starts from.
+        if let Some(e) = trainer.eval_loss(&model, &eval, t.micro_batch, recipe.eval.max_batches)? {
+            let row = json!({"step": 0, "eval_loss": e, "eval_ppl": e.exp()});
+            writeln!(metrics, "{row}")
+                .with_context(|| format!("writing {}", metrics_path.display()))?;
+            eprintln!("step 0 eval_loss {e:.4} (ppl {:.2})", e.exp());
+            first_eval = Some(e);
+            last_eval = Some(e);
+        }
+    }
     for step in start_step..total_steps {
         let batches = cursor.next_step(t.grad_accum, t.micro_batch, device)?;
         let started = Instant::now();
@@ -282,6 +293,7 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         let eval_loss = if eval_now {
             let l = trainer.eval_loss(&model, &eval, t.micro_batch, recipe.eval.max_batches)?;
             last_eval = l.or(last_eval);
+            first_eval = first_eval.or(l);
             l
         } else {
             None
@@ -363,9 +375,10 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     }
     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
     eprintln!(
-        "done: loss {} -> {}, eval loss {}; adapter in {}{}",
+        "done: loss {} -> {}, eval loss {} -> {}; adapter in {}{}",
         fmt(first_loss),
         fmt(last),
+        fmt(first_eval),
         fmt(last_eval),
         adapter_dir.display(),
         if recipe.output.merge {
