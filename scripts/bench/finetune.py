@@ -1,7 +1,8 @@
 """Body of scripts/bench/finetune (see there).
 
-Each side runs in its own process (qcoder; this script with --peft-worker),
-so each peak RSS is that process's own (os.wait4). Tokens/s is the median
+Each side runs in its own process (qcoder first; then this script with
+--peft-worker, which reports its own peak), so each peak RSS is that
+process's own. Tokens/s is the median
 over the optimizer steps after the first (which pays one-time allocations).
 """
 
@@ -25,14 +26,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def run_measured(cmd):
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate()
-    # communicate() reaped the child; its rusage is in RUSAGE_CHILDREN only as
-    # a max over all children, so children run one at a time, qcoder first.
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{err}")
     return out, err
 
 
 def peak_children_mb():
+    """Peak RSS of the largest child reaped so far: qcoder runs first and alone."""
     import resource
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
