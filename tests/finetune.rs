@@ -222,16 +222,18 @@ fn trained_adapter_loads_in_peft_and_merges_like_peft() {
         assert!(out.join(f).is_file(), "{f} missing:\n{}", show(&run));
     }
     let rows = metrics(&out);
-    assert_eq!(rows.len(), 12);
-    let first = rows[0]["loss"].as_f64().unwrap();
-    let last = rows[11]["loss"].as_f64().unwrap();
+    // Step 0 (the base model's eval loss), then steps 1..=12.
+    assert_eq!(rows.len(), 13);
+    assert_eq!(rows[0]["step"], 0);
+    let first = rows[1]["loss"].as_f64().unwrap();
+    let last = rows[12]["loss"].as_f64().unwrap();
     let evals: Vec<f64> = rows
         .iter()
         .filter_map(|r| r["eval_loss"].as_f64())
         .collect();
-    assert_eq!(evals.len(), 3);
+    assert_eq!(evals.len(), 4);
     assert!(last < first, "loss did not decrease: {first} -> {last}");
-    assert!(evals[2] < evals[0], "eval loss did not decrease: {evals:?}");
+    assert!(evals[3] < evals[0], "eval loss did not decrease: {evals:?}");
     eprintln!("loss {first:.4} -> {last:.4}, eval {evals:?}");
 
     // `qcoder merge` writes what `merge = true` wrote.
@@ -311,7 +313,11 @@ fn resumed_run_repeats_the_uninterrupted_one() {
     let extra_lora = "dropout = 0.1";
     let checkpoints = "\n[checkpoint]\nevery = 2\nkeep_last = 2\n";
     for out in ["full", "split"] {
-        let text = recipe(&data, out, extra_train, extra_lora) + checkpoints;
+        // Repository-level samples on, so they are exercised end to end.
+        let text = recipe(&data, out, extra_train, extra_lora).replace(
+            "fim_spm_rate = 0.5",
+            "fim_spm_rate = 0.5\nrepo_level_rate = 1.0",
+        ) + checkpoints;
         std::fs::write(tmp.path().join(format!("{out}.toml")), text).unwrap();
     }
     qcoder_ok(&[&"finetune", &"full.toml"], tmp.path());
@@ -331,11 +337,16 @@ fn resumed_run_repeats_the_uninterrupted_one() {
     // Starting again without --resume would clobber the run: refused.
     let again = qcoder(&[&"finetune", &"split.toml"], tmp.path());
     assert_eq!(again.status.code(), Some(2), "{}", show(&again));
+    assert!(
+        String::from_utf8_lossy(&stopped.stderr).contains("1 repository-level samples"),
+        "{}",
+        show(&stopped)
+    );
     qcoder_ok(&[&"finetune", &"split.toml", &"--resume"], tmp.path());
 
     let (a, b) = (metrics(&tmp.path().join("full")), metrics(&split));
-    assert_eq!(a.len(), 7);
-    assert_eq!(b.len(), 7);
+    assert_eq!(a.len(), 8);
+    assert_eq!(b.len(), 8);
     for (ra, rb) in a.iter().zip(&b) {
         for key in ["step", "loss", "lr", "grad_norm", "eval_loss"] {
             assert_eq!(ra[key], rb[key], "{key} differs:\n{ra}\n{rb}");
@@ -463,4 +474,22 @@ fn merge_command_rejects_a_foreign_adapter() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only LORA"));
     assert!(!tmp.path().join("merged").exists());
+}
+
+#[test]
+fn diverging_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let text = recipe(&data, "out", "max_steps = 4", "").replace("lr = 1e-2", "lr = 1e30")
+        + "\n[checkpoint]\nevery = 1\nkeep_last = 1\n";
+    std::fs::write(tmp.path().join("r.toml"), text).unwrap();
+    let out = qcoder(&[&"finetune", &"r.toml"], tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr.contains("step 2: the loss is"), "{stderr}");
+    assert!(tmp
+        .path()
+        .join("out/checkpoints/step-1/adapter_model.safetensors")
+        .is_file());
+    assert!(!tmp.path().join("out/adapter").exists());
 }

@@ -14,8 +14,9 @@ use serde_json::json;
 use super::staging::Staged;
 use super::Outcome;
 use crate::cli::FinetuneArgs;
-use crate::data::fim::{encode_all, FimSpec};
+use crate::data::fim::{doc_rng, encode_all, FimSpec};
 use crate::data::packing::pack;
+use crate::data::repo_level::{self, group_by_repo, read_repo_files, RepoFile};
 use crate::data::texts::{read_texts, Split, TextsError};
 use crate::device::{parse_device, parse_kind};
 use crate::lora::{Adapter, LoraConfig};
@@ -110,19 +111,36 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     let max_bytes = crate::data::parse_size(&recipe.data.max_bytes)
         .map_err(|e| anyhow::anyhow!("[data] max_bytes: {e}"))? as usize;
     let seed = recipe.train.seed;
-    let train_docs = read_all(&recipe.data.train, Split::Train, max_bytes, "train")?;
+    let (train_docs, repo_samples) = if recipe.data.repo_level_rate > 0.0 {
+        let (f, ok) = (tok.fim(), |f: crate::tokenizer::FimTokens| {
+            f.repo_name.is_some() && f.file_sep.is_some()
+        });
+        if !f.is_some_and(ok) {
+            bail!("[data] repo_level_rate: the tokenizer of {} has no <|repo_name|> / <|file_sep|> tokens; set repo_level_rate = 0", model_dir.display());
+        }
+        read_with_repos(
+            &tok,
+            &recipe.data.train,
+            max_bytes,
+            recipe.data.repo_level_rate,
+            seed,
+        )?
+    } else {
+        (
+            read_all(&recipe.data.train, Split::Train, max_bytes, "train")?,
+            Vec::new(),
+        )
+    };
     let eval_docs = if recipe.data.eval.is_empty() {
         ingest_eval_splits(&recipe.data.train, max_bytes)?
     } else {
         read_all(&recipe.data.eval, Split::Eval, max_bytes, "eval")?
     };
     let t0 = Instant::now();
-    let mut train = pack(
-        encode_all(&tok, &train_docs, fim_spec, seed)?,
-        eos,
-        seq_len,
-        seed,
-    );
+    let mut encoded = encode_all(&tok, &train_docs, fim_spec, seed)?;
+    let n_repo_samples = repo_samples.len();
+    encoded.extend(repo_samples);
+    let mut train = pack(encoded, eos, seq_len, seed);
     let n_train_tokens: usize = train.tokens.len();
     if train.is_empty() {
         bail!(
@@ -161,8 +179,13 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         (None, None) => 0,
     };
     eprintln!(
-        "data: {} train documents -> {} blocks of {seq_len} tokens ({} tokens, {:.1}s); {} eval blocks",
+        "data: {} train documents{} -> {} blocks of {seq_len} tokens ({} tokens, {:.1}s); {} eval blocks",
         train_docs.len(),
+        if n_repo_samples > 0 {
+            format!(" and {n_repo_samples} repository-level samples")
+        } else {
+            String::new()
+        },
         train.len(),
         n_train_tokens,
         t0.elapsed().as_secs_f64(),
@@ -244,13 +267,24 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     let base_name = recipe.model.path.clone();
     let mut first_loss = None;
     let mut last = None;
-    let mut last_eval = None;
+    let (mut first_eval, mut last_eval) = (None, None);
+    if start_step == 0 && recipe.eval.every > 0 {
+        // The base model's eval loss: the point the curve starts from.
+        if let Some(e) = trainer.eval_loss(&model, &eval, t.micro_batch, recipe.eval.max_batches)? {
+            let row = json!({"step": 0, "eval_loss": e, "eval_ppl": e.exp()});
+            writeln!(metrics, "{row}")
+                .with_context(|| format!("writing {}", metrics_path.display()))?;
+            eprintln!("step 0 eval_loss {e:.4} (ppl {:.2})", e.exp());
+            first_eval = Some(e);
+            last_eval = Some(e);
+        }
+    }
     for step in start_step..total_steps {
         let batches = cursor.next_step(t.grad_accum, t.micro_batch, device)?;
         let started = Instant::now();
         let stats = trainer.step(&model, &batches, step)?;
-        let tokens_per_s = (stats.tokens + batches.len() as i64 * t.micro_batch as i64) as f64
-            / started.elapsed().as_secs_f64();
+        let tokens = batches.len() * t.micro_batch * seq_len;
+        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
         let done = step + 1;
         first_loss.get_or_insert(stats.loss);
         last = Some(stats.loss);
@@ -259,6 +293,7 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         let eval_loss = if eval_now {
             let l = trainer.eval_loss(&model, &eval, t.micro_batch, recipe.eval.max_batches)?;
             last_eval = l.or(last_eval);
+            first_eval = first_eval.or(l);
             l
         } else {
             None
@@ -311,9 +346,11 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         }
         if args.stop_after == Some(done) && !is_last {
             bar.finish_and_clear();
-            eprintln!(
-                "stopped after step {done} of {total_steps} (--stop-after); continue with --resume"
-            );
+            let hint = match checkpoint::list(&ckpt_root).last() {
+                Some((step, _)) => format!("--resume continues from step {step}"),
+                None => "no checkpoint was written ([checkpoint] every = 0)".into(),
+            };
+            eprintln!("stopped after step {done} of {total_steps} (--stop-after); {hint}");
             return Ok(Outcome::Success);
         }
     }
@@ -338,9 +375,10 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     }
     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
     eprintln!(
-        "done: loss {} -> {}, eval loss {}; adapter in {}{}",
+        "done: loss {} -> {}, eval loss {} -> {}; adapter in {}{}",
         fmt(first_loss),
         fmt(last),
+        fmt(first_eval),
         fmt(last_eval),
         adapter_dir.display(),
         if recipe.output.merge {
@@ -365,6 +403,41 @@ fn read_all(paths: &[PathBuf], split: Split, max_bytes: usize, what: &str) -> Re
         );
     }
     Ok(docs)
+}
+
+/// Training files with their repositories: a `rate` fraction of the
+/// repositories become one repository-level sample each (returned encoded);
+/// the files of the others are returned as documents.
+fn read_with_repos(
+    tok: &CodeTokenizer,
+    paths: &[PathBuf],
+    max_bytes: usize,
+    rate: f64,
+    seed: u64,
+) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+    let mut files = Vec::new();
+    for p in paths {
+        let budget =
+            max_bytes.saturating_sub(files.iter().map(|f: &RepoFile| f.content.len()).sum());
+        if budget == 0 {
+            break;
+        }
+        files.extend(
+            read_repo_files(p, Split::Train, budget)
+                .with_context(|| format!("[data] train: reading {}", p.display()))?,
+        );
+    }
+    let (mut docs, mut samples) = (Vec::new(), Vec::new());
+    for (i, (repo, files)) in group_by_repo(files).into_iter().enumerate() {
+        // A stream apart from the FIM draws of the documents.
+        let mut rng = doc_rng(seed ^ 0x5245_504F, i as u64);
+        if repo_level::chosen(rate, files.len(), &mut rng) {
+            samples.push(repo_level::encode_repo(tok, &repo, &files)?);
+        } else {
+            docs.extend(files.into_iter().map(|f| f.content));
+        }
+    }
+    Ok((docs, samples))
 }
 
 /// The eval splits of the ingest output directories among the training inputs.

@@ -19,6 +19,7 @@ pub mod languages;
 pub mod license;
 pub mod packing;
 pub mod pipeline;
+pub mod repo_level;
 pub mod secrets;
 pub mod shards;
 pub mod stats;

@@ -78,6 +78,10 @@ pub struct DataSection {
     /// Read at most this much text (1MB, 2GiB, ...).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: String,
+    /// Fraction of repositories (with two or more files) whose files become
+    /// one repository-level sample instead of one sample per file.
+    #[serde(default)]
+    pub repo_level_rate: f64,
 }
 
 fn default_eval_fraction() -> f64 {
@@ -312,6 +316,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "fim_rate",
             "fim_spm_rate",
             "max_bytes",
+            "repo_level_rate",
         ],
     ),
     (
@@ -431,6 +436,7 @@ impl Recipe {
         }
         unit("data.fim_rate", d.fim_rate)?;
         unit("data.fim_spm_rate", d.fim_spm_rate)?;
+        unit("data.repo_level_rate", d.repo_level_rate)?;
         if !(0.0..1.0).contains(&d.eval_fraction) {
             return Err((
                 "data.eval_fraction",
@@ -667,6 +673,17 @@ dir = "out"
         r.train.warmup_ratio = Some(0.1);
         r.train.warmup_steps = Some(3);
         assert_eq!(r.validate().unwrap_err().0, "train.warmup_steps");
+    }
+
+    #[test]
+    fn shipped_recipes_are_valid() {
+        for text in [
+            include_str!("../../recipes/demo.toml"),
+            include_str!("../../recipes/qwen2.5-coder-7b-gpu.toml"),
+        ] {
+            let r = Recipe::parse(text).unwrap();
+            r.validate().unwrap();
+        }
     }
 
     #[test]

@@ -1,0 +1,139 @@
+"""Body of scripts/bench/finetune (see there).
+
+Each side runs in its own process (qcoder first; then this script with
+--peft-worker, which reports its own peak), so each peak RSS is that
+process's own. Tokens/s is the median
+over the optimizer steps after the first (which pays one-time allocations).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+QCODER = ROOT / "target" / "release" / "qcoder"
+CACHE = Path(os.environ.get("QCODER_CACHE", Path.home() / ".cache" / "qcoder"))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_measured(cmd):
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate()
+    if p.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{err}")
+    return out, err
+
+
+def peak_children_mb():
+    """Peak RSS of the largest child reaped so far: qcoder runs first and alone."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def qcoder_side(args, model):
+    work = Path(tempfile.mkdtemp(prefix="qcoder-bench-ft-"))
+    data = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    recipe = f"""
+[model]
+path = "{model}"
+dtype = "{args.dtype}"
+device = "cpu"
+[data]
+train = ["{data}"]
+seq_len = {args.seq}
+eval_fraction = 0.01
+[lora]
+r = 16
+alpha = 32
+target_modules = "all-linear"
+[train]
+lr = 2e-4
+schedule = "constant"
+max_steps = {args.steps}
+micro_batch = 1
+grad_accum = 1
+[eval]
+max_batches = 1
+[output]
+dir = "{work / 'out'}"
+"""
+    (work / "recipe.toml").write_text(recipe)
+    run_measured([str(QCODER), "--threads", str(args.threads), "finetune", str(work / "recipe.toml")])
+    rows = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    tps = statistics.median(r["tokens_per_s"] for r in rows[1:])
+    return tps, peak_children_mb(), rows[0]["loss"], rows[-1]["loss"]
+
+
+def peft_worker(args):
+    import resource
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    if dtype != torch.float32:
+        # PEFT's best CPU setting: bf16 base, f32 LoRA weights (as qcoder).
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    model.train()
+    vocab = model.config.vocab_size
+    times = []
+    for _ in range(args.steps):
+        ids = torch.randint(0, vocab, (1, args.seq))
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    tps = statistics.median(args.seq / t for t in times[1:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens_per_s": tps, "peak_mb": peak}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(CACHE / "models" / "qwen2.5-coder-0.5b-instruct"))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--peft-worker", action="store_true")
+    args = ap.parse_args()
+    if args.peft_worker:
+        return peft_worker(args)
+    if not (Path(args.model) / "config.json").exists():
+        sys.exit(f"{args.model}: no model (see recipes/demo.toml for the import command)")
+    q_tps, q_mb, first, last = qcoder_side(args, args.model)
+    out, _ = run_measured([sys.executable, __file__, "--peft-worker", "--model", args.model, "--steps",
+                           str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype,
+                           "--seq", str(args.seq)])
+    p = json.loads(out.strip().splitlines()[-1])
+    print(f"model {args.model}, {args.dtype}, seq {args.seq}, r 16 all-linear, micro batch 1, "
+          f"{args.threads} threads, {args.steps} steps (median of steps 2..)")
+    print(f"{'':10} {'tokens/s':>10} {'peak RSS MB':>12}")
+    print(f"{'qcoder':10} {q_tps:10.1f} {q_mb:12.0f}")
+    print(f"{'PEFT':10} {p['tokens_per_s']:10.1f} {p['peak_mb']:12.0f}")
+    print(f"ratio: speed {q_tps / p['tokens_per_s']:.2f}x, memory {q_mb / p['peak_mb']:.2f}x "
+          f"(qcoder loss {first:.3f} -> {last:.3f})")
+
+
+if __name__ == "__main__":
+    main()
