@@ -298,7 +298,7 @@ mod tests {
     #[test]
     fn long_context_is_cut_at_line_boundaries() {
         let text: String = (0..2000).map(|i| format!("value_{i} = {i}\n")).collect();
-        for s in sample_spans(&[text.clone()], 10, 1).unwrap() {
+        for s in sample_spans(std::slice::from_ref(&text), 10, 1).unwrap() {
             assert!(s.prefix.len() <= MAX_PREFIX_CHARS);
             assert!(s.suffix.len() <= MAX_SUFFIX_CHARS);
             assert!(s.prefix.is_empty() || s.prefix.ends_with('\n'));

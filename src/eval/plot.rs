@@ -84,8 +84,8 @@ pub fn grouped_bars(
     }
     chart
         .configure_series_labels()
-        .background_style(&WHITE.mix(0.85))
-        .border_style(&BLACK)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
         .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| fail(&e))?;
@@ -155,8 +155,8 @@ pub fn distribution(
     }
     chart
         .configure_series_labels()
-        .background_style(&WHITE.mix(0.85))
-        .border_style(&BLACK)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
         .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(|e| fail(&e))?;
