@@ -373,7 +373,14 @@ fn figures(results: &[ModelResult], dir: &Path) -> Result<Vec<String>> {
         let labels: Vec<&str> = quality.iter().map(|q| q.1).collect();
         let s = series(&quality.iter().map(|q| q.0).collect::<Vec<_>>());
         draw("quality.svg", &|p| {
-            plot::grouped_bars(p, "Code quality (higher is better)", "score", &labels, &s)
+            plot::grouped_bars(
+                p,
+                "Code quality (higher is better)",
+                "score",
+                Some(1.0),
+                &labels,
+                &s,
+            )
         })?;
     }
     if results.iter().any(|r| r.ppl.is_some()) {
@@ -383,6 +390,7 @@ fn figures(results: &[ModelResult], dir: &Path) -> Result<Vec<String>> {
                 p,
                 "Perplexity on held-out code (lower is better)",
                 "perplexity",
+                None,
                 &["perplexity"],
                 &s,
             )
@@ -407,7 +415,14 @@ fn figures(results: &[ModelResult], dir: &Path) -> Result<Vec<String>> {
         ];
         let s = series(&metrics);
         draw("latency.svg", &|p| {
-            plot::grouped_bars(p, "Latency of 64-token FIM completions", "ms", &labels, &s)
+            plot::grouped_bars(
+                p,
+                "Latency of 64-token FIM completions",
+                "ms",
+                None,
+                &labels,
+                &s,
+            )
         })?;
         let totals: Vec<(String, Vec<f64>)> = results
             .iter()

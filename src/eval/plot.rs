@@ -31,10 +31,12 @@ fn color(i: usize) -> RGBColor {
 
 /// One group of bars per label in `groups`, one bar per model in each;
 /// `series` is (model, one value per group). Non-finite values are left out.
+/// The y axis runs to `y_max`, or a little above the largest value.
 pub fn grouped_bars(
     path: &Path,
     title: &str,
     y_label: &str,
+    y_max: Option<f64>,
     groups: &[&str],
     series: &[(String, Vec<f64>)],
 ) -> Result<(), PlotError> {
@@ -47,7 +49,7 @@ pub fn grouped_bars(
         .flat_map(|(_, v)| v.iter().copied())
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max);
-    let y_max = if max > 0.0 { max * 1.15 } else { 1.0 };
+    let y_max = y_max.unwrap_or(if max > 0.0 { max * 1.15 } else { 1.0 });
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)

@@ -4,8 +4,8 @@
 //! Layers, all set up in the child between `fork` and `exec`:
 //! - its own session and process group (`setsid`), killed as a whole with
 //!   SIGKILL at the wall-clock timeout and again after it exits;
-//! - rlimits: CPU seconds, address space, file size, open files, processes,
-//!   no core dumps;
+//! - rlimits: CPU seconds, address space, file size, open files, no core
+//!   dumps (and processes, once root is dropped);
 //! - seccomp: `fork`/`vfork`/`clone` of a new process fail with EPERM (threads
 //!   still work), sockets other than AF_UNIX fail with EACCES, `io_uring`
 //!   (which could bypass the socket filter) is unavailable;
@@ -16,6 +16,9 @@
 //!   ignores, applies too. Dropping root needs an interpreter `nobody` can
 //!   run: the first `python3` on PATH whose real path is world-executable
 //!   (pyenv shims under /root are skipped), or `QCODER_SANDBOX_PYTHON`.
+//!   Not root: no namespaces and the caller's uid; seccomp, Landlock and
+//!   the rlimits still hold, so new processes, sockets and writes outside
+//!   the directory are refused all the same.
 //!
 //! [`Isolation`] records which layers were active, for the report.
 
@@ -59,8 +62,9 @@ pub struct Limits {
     pub address_space_bytes: u64,
     pub file_size_bytes: u64,
     pub open_files: u64,
-    /// Tasks (processes and threads) of the sandbox uid; only enforced once
-    /// root is dropped, since root ignores RLIMIT_NPROC.
+    /// Tasks (processes and threads) of the sandbox uid; set only when root
+    /// is dropped to uid 65534 (root ignores RLIMIT_NPROC, and for another
+    /// user it would count all their processes).
     pub processes: u64,
 }
 
@@ -344,7 +348,6 @@ impl ChildSetup {
                 (libc::RLIMIT_AS, l.address_space_bytes),
                 (libc::RLIMIT_FSIZE, l.file_size_bytes),
                 (libc::RLIMIT_NOFILE, l.open_files),
-                (libc::RLIMIT_NPROC, l.processes),
                 (libc::RLIMIT_CORE, 0),
             ] {
                 let lim = libc::rlimit {
@@ -361,6 +364,13 @@ impl ChildSetup {
                 landlock_restrict(plan)?;
             }
             if let Some(id) = self.drop_to {
+                // Per uid: for any other user than the dedicated one it would
+                // count their unrelated processes too (seccomp stops forks anyway).
+                let lim = libc::rlimit {
+                    rlim_cur: l.processes as libc::rlim_t,
+                    rlim_max: l.processes as libc::rlim_t,
+                };
+                check(libc::setrlimit(libc::RLIMIT_NPROC, &lim))?;
                 check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setgid(id))?;
                 check(libc::setuid(id))?;
