@@ -28,8 +28,9 @@ pub enum Command {
     /// calibrated on your own code, into a checkpoint that transformers,
     /// GPTQModel and vLLM load.
     Quantize(QuantizeArgs),
-    /// Evaluate one or more models on held-out code side by side (perplexity),
-    /// write report.json and report.md, and exit 1 when a --gate fails.
+    /// Evaluate one or more models side by side (perplexity, fill-in-the-middle,
+    /// HumanEval in a sandbox, completion latency), write report.json,
+    /// report.md and SVG figures, and exit 1 when a --gate fails.
     Eval(EvalArgs),
     /// Turn code directories, git repositories and code datasets into clean,
     /// deduplicated, secret-free Parquet shards for fine-tuning.
