@@ -223,37 +223,32 @@ impl Sandbox {
         let mut child = cmd
             .spawn()
             .map_err(io(format!("starting {}", self.isolation.python.display())))?;
-        let pgid = child.id() as libc::pid_t;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(io("waiting for the program"))? {
-                break Some(status);
+        let pid = child.id() as libc::pid_t;
+        let timed_out = loop {
+            if exited(pid).map_err(io("waiting for the program"))? {
+                break false;
             }
             if start.elapsed() >= self.limits.timeout {
-                break None;
+                break true;
             }
             std::thread::sleep(Duration::from_millis(5));
         };
         // The child leads its own process group: kill everything in it, on
-        // timeout and after a normal exit alike.
+        // timeout and after a normal exit alike. The child is not reaped yet,
+        // so its pid (the group id) cannot have been reused.
         // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        let status = match status {
-            Some(s) => Some(s),
-            None => {
-                child.wait().map_err(io("waiting for the killed program"))?;
-                None
-            }
-        };
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let status = child.wait().map_err(io("waiting for the program"))?;
         let seconds = start.elapsed().as_secs_f64();
-        let verdict = match status {
-            None => Verdict::TimedOut,
-            Some(s) if s.success() => Verdict::Passed,
-            Some(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                Verdict::Failed {
-                    exit_code: s.code(),
-                    signal: s.signal(),
-                }
+        let verdict = if timed_out {
+            Verdict::TimedOut
+        } else if status.success() {
+            Verdict::Passed
+        } else {
+            use std::os::unix::process::ExitStatusExt;
+            Verdict::Failed {
+                exit_code: status.code(),
+                signal: status.signal(),
             }
         };
         Ok(Execution {
@@ -261,6 +256,22 @@ impl Sandbox {
             seconds,
             stderr_tail: tail(&stderr_path, 800),
         })
+    }
+}
+
+/// Whether the child has exited, without reaping it (WNOWAIT).
+fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
+    // SAFETY: waitid writes a siginfo_t into valid, zeroed memory; si_pid
+    // reads the field waitid sets for WEXITED.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        check(libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ))?;
+        Ok(info.si_pid() != 0)
     }
 }
 
