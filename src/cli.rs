@@ -28,8 +28,9 @@ pub enum Command {
     /// calibrated on your own code, into a checkpoint that transformers,
     /// GPTQModel and vLLM load.
     Quantize(QuantizeArgs),
-    /// Evaluate one or more models on held-out code side by side (perplexity),
-    /// write report.json and report.md, and exit 1 when a --gate fails.
+    /// Evaluate one or more models side by side (perplexity, fill-in-the-middle,
+    /// HumanEval in a sandbox, completion latency), write report.json,
+    /// report.md and SVG figures, and exit 1 when a --gate fails.
     Eval(EvalArgs),
     /// Turn code directories, git repositories and code datasets into clean,
     /// deduplicated, secret-free Parquet shards for fine-tuning.
@@ -244,17 +245,30 @@ pub struct EvalArgs {
     pub models: Vec<String>,
 
     /// Held-out code: an ingest output directory (its eval split), a .parquet
-    /// or .jsonl dataset with a `content` column, a text file, or a directory of code.
+    /// or .jsonl dataset with a `content` column, a text file, or a directory
+    /// of code. Needed by ppl, fim and latency.
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
 
-    /// Comma-separated tasks: ppl.
+    /// Comma-separated tasks: ppl (perplexity), fim (fill-in-the-middle exact
+    /// match, edit similarity, acceptance), humaneval (pass@1, greedy, run in
+    /// a sandbox), latency (64-token FIM completions: TTFT, total, tokens/s).
     #[arg(long, default_value = "ppl", value_delimiter = ',')]
     pub tasks: Vec<String>,
 
-    /// At most N documents per task.
+    /// At most N: documents for ppl, problems for humaneval (the first N),
+    /// samples for fim (default 100) and completions for latency (default 20).
     #[arg(long)]
     pub limit: Option<usize>,
+
+    /// HumanEval problems (.jsonl or .jsonl.gz; default: HumanEval.jsonl.gz in
+    /// the asset cache that scripts/fetch-assets fills).
+    #[arg(long)]
+    pub humaneval: Option<PathBuf>,
+
+    /// Seed of the fim and latency samples (which files, which spans).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 
     /// Perplexity: tokens per window.
     #[arg(long, default_value_t = 1024)]
@@ -264,11 +278,15 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     pub stride: usize,
 
-    /// Quality gate such as 'ppl<=1.05*base' (repeatable); any failure exits 1.
+    /// Quality gate such as 'ppl<=1.05*base', 'humaneval>=base-0.02' or
+    /// 'fim_accept>=0.65' (repeatable); any failure exits 1. Metrics: ppl,
+    /// humaneval, fim_exact, fim_edit_sim, fim_accept, ttft_p50_ms,
+    /// ttft_p95_ms, ttft_p99_ms, latency_p50_ms, latency_p95_ms,
+    /// latency_p99_ms, prefill_tok_s, decode_tok_s.
     #[arg(long)]
     pub gate: Vec<String>,
 
-    /// Report directory (report.json, report.md).
+    /// Report directory (report.json, report.md, SVG figures).
     #[arg(long, short = 'o')]
     pub output: PathBuf,
 

@@ -16,6 +16,8 @@ pub enum StopReason {
     MaxTokens,
     /// The sequence reached `max_position_embeddings`.
     ContextFull,
+    /// The caller's `stop_after` said the output is complete (a stop sequence).
+    Caller,
 }
 
 impl StopReason {
@@ -24,6 +26,7 @@ impl StopReason {
             StopReason::StopToken(id) => format!("stop token {id}"),
             StopReason::MaxTokens => "max_new_tokens".into(),
             StopReason::ContextFull => "context full".into(),
+            StopReason::Caller => "stop sequence".into(),
         }
     }
 }
@@ -49,6 +52,30 @@ pub fn generate(
     stop_ids: &[u32],
     sampling: SamplingParams,
     on_token: &mut dyn FnMut(u32),
+) -> Result<Generated, ModelError> {
+    generate_until(
+        model,
+        prompt,
+        max_new_tokens,
+        stop_ids,
+        sampling,
+        &mut |id| {
+            on_token(id);
+            false
+        },
+    )
+}
+
+/// [`generate`], where `stop_after` sees each new token and ends the
+/// generation by returning true (after that token, which is kept): for stop
+/// sequences that are text, not single tokens.
+pub fn generate_until(
+    model: &CausalLm,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    sampling: SamplingParams,
+    stop_after: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Generated, ModelError> {
     let max_pos = model.max_positions();
     if prompt.is_empty() {
@@ -100,7 +127,9 @@ pub fn generate(
             break StopReason::StopToken(next);
         }
         tokens.push(next);
-        on_token(next);
+        if stop_after(next) {
+            break StopReason::Caller;
+        }
         if tokens.len() >= max_new_tokens {
             break StopReason::MaxTokens;
         }
