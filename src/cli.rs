@@ -467,6 +467,11 @@ pub struct ExportArgs {
     #[arg(long, short = 'm')]
     pub model: PathBuf,
 
+    /// A LoRA adapter (PEFT layout, e.g. `qcoder finetune`'s OUT/adapter) to
+    /// merge into the model before exporting.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+
     /// gguf or safetensors.
     #[arg(long, value_enum)]
     pub format: ExportFormat,

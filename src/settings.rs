@@ -1,12 +1,15 @@
 //! Helpers for the files users write by hand (pipeline files, recipes):
 //! environment variables in paths, and the valid key nearest a misspelled one.
 
-/// The closest of `candidates` to `key`, when it is close enough to be a typo.
+/// The closest of `candidates` to `key`, when it is close enough to be a
+/// typo: a few edits away, or one a prefix of the other (`max_step`).
 pub fn suggest<'a>(key: &str, candidates: &[&'a str]) -> Option<&'a str> {
     candidates
         .iter()
         .map(|c| (strsim::levenshtein(key, c), *c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .filter(|(d, c)| {
+            *d <= (c.len().max(key.len()) / 3).max(2) || key.starts_with(c) || c.starts_with(key)
+        })
         .min()
         .map(|(_, c)| c)
 }

@@ -94,3 +94,55 @@ fn sharded_exports_load_in_transformers_with_qcoders_logits() {
         }
     }
 }
+
+/// `export --adapter` merges a PEFT adapter first: the same weights as
+/// `qcoder merge`, and not the base's.
+#[test]
+fn export_with_an_adapter_equals_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::fixture("qwen2");
+    let adapter = common::root().join("tests/fixtures/lora/init");
+    let exported = tmp.path().join("exported");
+    let merged = tmp.path().join("merged");
+    let cwd = tmp.path();
+    let (b, a, e, m) = (&base, &adapter, &exported, &merged);
+    common::qcoder_ok(
+        &[
+            &"export",
+            &"-m",
+            b,
+            &"--adapter",
+            a,
+            &"--format",
+            &"safetensors",
+            &"--dtype",
+            &"f32",
+            &"-o",
+            e,
+        ],
+        cwd,
+    );
+    common::qcoder_ok(&[&"merge", &"-m", b, &"--adapter", a, &"-o", m], cwd);
+    let ids = [1i64, 7, 42, 99, 3, 250];
+    let (le, lm, lb) = (
+        qcoder_logits(e, &ids),
+        qcoder_logits(m, &ids),
+        qcoder_logits(b, &ids),
+    );
+    assert_eq!(
+        (&le - &lm).abs().max().double_value(&[]),
+        0.0,
+        "export --adapter differs from merge"
+    );
+    assert!(
+        (&le - &lb).abs().max().double_value(&[]) > 1e-3,
+        "the adapter changed nothing"
+    );
+    // No temporary merge directory is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

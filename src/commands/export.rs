@@ -25,9 +25,43 @@ use crate::quant::QuantizedLinear;
 use tch::{Kind, Tensor};
 
 pub fn run(args: ExportArgs) -> Result<Outcome> {
+    // With --adapter, the adapter is merged into the base first, into a
+    // temporary directory beside the output that is removed afterwards.
+    let merged = match &args.adapter {
+        Some(adapter) => {
+            let parent = match args.output.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            let tmp = tempfile::Builder::new()
+                .prefix(".qcoder-merge-")
+                .tempdir_in(&parent)
+                .with_context(|| {
+                    format!("creating a temporary directory in {}", parent.display())
+                })?;
+            let summary = crate::lora::merge(&args.model, adapter, tmp.path(), u64::MAX)
+                .with_context(|| {
+                    format!(
+                        "merging the adapter {} into {}",
+                        adapter.display(),
+                        args.model.display()
+                    )
+                })?;
+            eprintln!(
+                "merged {} LoRA modules of {} before exporting",
+                summary.merged_modules,
+                adapter.display()
+            );
+            Some(tmp)
+        }
+        None => None,
+    };
+    let model = merged
+        .as_ref()
+        .map_or_else(|| args.model.clone(), |t| t.path().to_path_buf());
     match args.format {
-        ExportFormat::Gguf => export_gguf(&args),
-        ExportFormat::Safetensors => export_safetensors(&args),
+        ExportFormat::Gguf => export_gguf(&args, &model),
+        ExportFormat::Safetensors => export_safetensors(&args, &model),
     }
 }
 
@@ -121,7 +155,7 @@ fn repack(q: &QuantizedLinear, t: &ExportTensor) -> std::result::Result<Vec<u8>,
     result.map_err(|e| e.to_string())
 }
 
-fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
+fn export_gguf(args: &ExportArgs, dir: &Path) -> Result<Outcome> {
     let ftype = FileType::parse(&args.gguf_type).with_context(|| {
         let names: Vec<&str> = FileType::ALL.iter().map(|(_, n)| *n).collect();
         format!(
@@ -130,7 +164,6 @@ fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
             names.join(", ")
         )
     })?;
-    let dir = &args.model;
     let config = model::read_config(dir)?;
     let ckpt = Checkpoint::open_dir(dir)?;
     let tokenizer_json = read_json(&dir.join("tokenizer.json"))?;
@@ -160,7 +193,8 @@ fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
         bos_id: cfg_id(&config.bos_token_id).or_else(|| gen_id("bos_token_id")),
         pad_id: cfg_id(&config.pad_token_id).or_else(|| gen_id("pad_token_id")),
     };
-    let name = dir
+    let name = args
+        .model
         .canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
@@ -245,7 +279,7 @@ fn export_gguf(args: &ExportArgs) -> Result<Outcome> {
     }
     eprintln!(
         "exported {} as {} ({} tensors) to {}",
-        dir.display(),
+        args.model.display(),
         ftype.name(),
         plan.tensors.len(),
         args.output.display()
@@ -264,7 +298,7 @@ const COPIED_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
-fn export_safetensors(args: &ExportArgs) -> Result<Outcome> {
+fn export_safetensors(args: &ExportArgs, dir: &Path) -> Result<Outcome> {
     let (dtype, dtype_name) = match args.dtype.as_str() {
         "bf16" => (Dtype::BF16, "bfloat16"),
         "f16" => (Dtype::F16, "float16"),
@@ -275,7 +309,6 @@ fn export_safetensors(args: &ExportArgs) -> Result<Outcome> {
         .map_err(anyhow::Error::msg)
         .context("--max-shard-size")?;
     anyhow::ensure!(max_shard > 0, "--max-shard-size must be more than 0 bytes");
-    let dir = &args.model;
     // Validates the directory is a model qcoder understands.
     model::read_config(dir)?;
     let ckpt = Checkpoint::open_dir(dir)?;

@@ -133,16 +133,7 @@ fn walk(
         return Ok(());
     }
     if path.is_dir() {
-        let mut entries: Vec<_> = std::fs::read_dir(path)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .collect();
-        entries.sort();
-        for entry in entries {
+        for entry in super::texts::visible_entries(path).map_err(io)? {
             walk(&entry, root, repo, files, budget)?;
         }
         return Ok(());

@@ -94,6 +94,20 @@ fn read_dataset(
     Ok(())
 }
 
+/// The entries of a directory that are not hidden (`.name`), sorted, so a
+/// walk reads files in the same order on every machine.
+pub(crate) fn visible_entries(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    entries.sort();
+    Ok(entries)
+}
+
 fn collect(path: &Path, docs: &mut Vec<String>, budget: &mut usize) -> Result<(), TextsError> {
     let io = |source| TextsError::Io {
         path: path.to_path_buf(),
@@ -103,16 +117,7 @@ fn collect(path: &Path, docs: &mut Vec<String>, budget: &mut usize) -> Result<()
         return Ok(());
     }
     if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .collect();
-        entries.sort();
-        for entry in entries {
+        for entry in visible_entries(path).map_err(io)? {
             collect(&entry, docs, budget)?;
         }
         return Ok(());

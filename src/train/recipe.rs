@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::settings::{expand, suggest};
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
     #[error("reading {}", path.display())]
@@ -534,31 +536,6 @@ impl Recipe {
     }
 }
 
-/// Expands `${NAME}` from the environment and a leading `~/` to `$HOME/`.
-pub fn expand(text: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = text;
-    if let Some(tail) = rest.strip_prefix("~/") {
-        let home = std::env::var("HOME").map_err(|_| format!("{text:?}: HOME is not set"))?;
-        out.push_str(&home);
-        out.push('/');
-        rest = tail;
-    }
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let Some(len) = rest[start + 2..].find('}') else {
-            return Err(format!("{text:?}: unclosed ${{"));
-        };
-        let name = &rest[start + 2..start + 2 + len];
-        let value = std::env::var(name)
-            .map_err(|_| format!("{text:?}: environment variable {name} is not set"))?;
-        out.push_str(&value);
-        rest = &rest[start + 3 + len..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 /// Adds "did you mean" to serde's `unknown field` message.
 fn explain(msg: &str, text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let Some(rest) = msg.strip_prefix("unknown field `") else {
@@ -579,7 +556,7 @@ fn explain(msg: &str, text: &str, span: Option<std::ops::Range<usize>>) -> Strin
     } else {
         format!("unknown key `{key}` in [{section}]")
     };
-    match nearest(key, &valid) {
+    match suggest(key, &valid) {
         Some(best) => format!(
             "{shown}; did you mean `{best}`? (valid: {})",
             valid.join(", ")
@@ -604,31 +581,6 @@ fn section_at(text: &str, pos: usize) -> String {
         }
     }
     section
-}
-
-fn nearest<'a>(key: &str, valid: &[&'a str]) -> Option<&'a str> {
-    valid
-        .iter()
-        .map(|v| (levenshtein(key, v), *v))
-        .filter(|(d, v)| {
-            *d <= (v.len().max(key.len()) / 2).max(2) || key.starts_with(v) || v.starts_with(key)
-        })
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, v)| v)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -684,14 +636,6 @@ dir = "out"
             let r = Recipe::parse(text).unwrap();
             r.validate().unwrap();
         }
-    }
-
-    #[test]
-    fn paths_expand_variables() {
-        std::env::set_var("QCODER_RECIPE_TEST", "/x");
-        assert_eq!(expand("${QCODER_RECIPE_TEST}/m").unwrap(), "/x/m");
-        assert!(expand("${QCODER_NOT_SET_ANYWHERE}/m").is_err());
-        assert_eq!(expand("plain").unwrap(), "plain");
     }
 
     #[test]
