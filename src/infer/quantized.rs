@@ -50,7 +50,17 @@ pub struct Int4Linear {
     bias: Option<Tensor>,
     /// Activation dtype the kernel runs in.
     kind: Kind,
+    /// On CPU, the integers again as bytes (one per weight, in the original
+    /// column order) for inputs of many rows: libtorch's CPU int4 kernel is
+    /// built for decode (a few rows) and is far slower than a dense matrix
+    /// product on a long prompt, so prefill and perplexity windows dequantize
+    /// the layer on the fly (a transient dense weight, one layer at a time).
+    prefill: Option<QuantizedLinear>,
 }
+
+/// Rows (tokens) from which a CPU forward dequantizes instead of using the
+/// int4 kernel.
+const PREFILL_ROWS: i64 = 16;
 
 /// Inner K tiles of the packed layout (torch's default for these kernels).
 const INNER_K_TILES: i64 = 2;
@@ -109,6 +119,15 @@ impl Int4Linear {
             perm,
             bias: q.bias.as_ref().map(|b| b.to_kind(kind).to_device(device)),
             kind,
+            prefill: (!device.is_cuda()).then(|| QuantizedLinear {
+                bits: q.bits,
+                group_size: q.group_size,
+                q: q.q.to_kind(Kind::Uint8),
+                scales: q.scales.to_kind(Kind::Float),
+                zeros: q.zeros.shallow_clone(),
+                g_idx: q.g_idx.shallow_clone(),
+                bias: None,
+            }),
         })
     }
 }
@@ -117,6 +136,13 @@ impl Linear for Int4Linear {
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut shape = x.size();
         let rows = x.reshape([-1, self.in_features]);
+        if let Some(source) = &self.prefill {
+            if rows.size()[0] >= PREFILL_ROWS {
+                let weight = source.dequantize().to_kind(x.kind());
+                let bias = self.bias.as_ref().map(|b| b.to_kind(x.kind()));
+                return x.linear(&weight, bias.as_ref());
+            }
+        }
         let rows = match &self.perm {
             Some(perm) => rows.index_select(1, perm),
             None => rows,
@@ -195,7 +221,13 @@ impl Linear for Int8Linear {
         let in_f = *shape.last().expect("linear input has a feature axis");
         let input_kind = x.kind();
         let rows = x.reshape([-1, in_f]).to_kind(self.kind);
-        let out = rows.internal_weight_int8pack_mm(&self.weight, &self.scales);
+        // Many rows on CPU: a dense product beats the decode kernel (as Int4Linear).
+        let out = if rows.size()[0] >= PREFILL_ROWS && !rows.device().is_cuda() {
+            let weight = self.weight.to_kind(self.kind) * self.scales.unsqueeze(1);
+            rows.matmul(&weight.transpose(0, 1))
+        } else {
+            rows.internal_weight_int8pack_mm(&self.weight, &self.scales)
+        };
         let out = match &self.bias {
             Some(b) => out + b,
             None => out,
@@ -323,30 +355,34 @@ mod tests {
         }
     }
 
-    /// The kernel computes with exactly the dequantized weights (f32).
+    /// The kernel computes with exactly the dequantized weights (f32), on a
+    /// few rows (the int4 kernel) and on many (the dense prefill path).
     #[test]
     fn int4_matches_the_dequantized_weight() {
         let opts = (Kind::Float, Device::Cpu);
         let w = Tensor::randn([48, 128], opts);
-        let x = Tensor::randn([5, 128], opts);
-        let h = x.transpose(0, 1).matmul(&x) + Tensor::eye(128, opts);
+        let calib = Tensor::randn([5, 128], opts);
+        let h = calib.transpose(0, 1).matmul(&calib) + Tensor::eye(128, opts);
         for q in [
             rtn_matrix(&w, &spec(false)),
             quantize_matrix(&w, &h, &spec(true), "t").unwrap(),
         ] {
             let layer = Int4Linear::new(&q, Device::Cpu, Kind::Float).unwrap();
-            let reference = x.matmul(&q.dequantize().transpose(0, 1));
-            let got = layer.forward(&x.view([1, 5, 128]));
-            assert_eq!(got.size(), vec![1, 5, 48]);
-            let diff = (got.view([5, 48]) - &reference)
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(
-                diff < 1e-4,
-                "max |Δ| {diff} (act-order: {})",
-                !q.has_trivial_g_idx()
-            );
+            for rows in [5, PREFILL_ROWS + 7] {
+                let x = Tensor::randn([rows, 128], opts);
+                let reference = x.matmul(&q.dequantize().transpose(0, 1));
+                let got = layer.forward(&x.view([1, rows, 128]));
+                assert_eq!(got.size(), vec![1, rows, 48]);
+                let diff = (got.view([rows, 48]) - &reference)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(
+                    diff < 1e-4,
+                    "max |Δ| {diff} ({rows} rows, act-order: {})",
+                    !q.has_trivial_g_idx()
+                );
+            }
         }
     }
 
@@ -370,13 +406,18 @@ mod tests {
     #[test]
     fn int8_head_is_close_to_dense() {
         let w = Tensor::randn([64, 32], (Kind::Float, Device::Cpu));
-        let x = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
         let layer = Int8Linear::from_dense(&w, None, Kind::Float);
-        let exact = x.matmul(&layer.dequantized().transpose(0, 1));
-        let got = layer.forward(&x);
-        assert!((&got - &exact).abs().max().double_value(&[]) < 1e-4);
-        let dense = x.matmul(&w.transpose(0, 1));
-        let rel = ((&got - &dense).norm().double_value(&[])) / dense.norm().double_value(&[]);
-        assert!(rel < 0.01, "int8 head relative error {rel}");
+        for rows in [3, PREFILL_ROWS + 5] {
+            let x = Tensor::randn([rows, 32], (Kind::Float, Device::Cpu));
+            let exact = x.matmul(&layer.dequantized().transpose(0, 1));
+            let got = layer.forward(&x);
+            assert!(
+                (&got - &exact).abs().max().double_value(&[]) < 1e-4,
+                "{rows} rows"
+            );
+            let dense = x.matmul(&w.transpose(0, 1));
+            let rel = ((&got - &dense).norm().double_value(&[])) / dense.norm().double_value(&[]);
+            assert!(rel < 0.01, "int8 head relative error {rel}");
+        }
     }
 }
