@@ -36,6 +36,10 @@ struct Step {
     /// The stage continues an interrupted run of itself with `--resume` when
     /// this directory has entries.
     resume_from: Option<PathBuf>,
+    /// The part of the output later stages read (default: all of it), whose
+    /// content hash they depend on: the fine-tuned model, not the run's
+    /// timing metrics.
+    consumed: Option<PathBuf>,
 }
 
 fn table_text(p: &Pipeline, name: &str) -> String {
@@ -72,6 +76,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
                 output: output.clone(),
                 files: Vec::new(),
                 resume_from: None,
+                consumed: None,
             });
             (path_str(&output), Some("import"))
         }
@@ -129,6 +134,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             output: output.clone(),
             files: Vec::new(),
             resume_from: None,
+            consumed: None,
         });
         data = Some((path_str(&output), Some("ingest")));
     }
@@ -150,6 +156,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             output: output.clone(),
             files: vec![(recipe_path, text)],
             resume_from: Some(output.join("checkpoints")),
+            consumed: Some(output.join("merged")),
         });
         tuned = (path_str(&output.join("merged")), Some("finetune"));
     }
@@ -178,6 +185,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             output,
             files: Vec::new(),
             resume_from: None,
+            consumed: None,
         });
     }
 
@@ -211,6 +219,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             output,
             files: Vec::new(),
             resume_from: None,
+            consumed: None,
         });
     }
 
@@ -258,6 +267,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             output,
             files: Vec::new(),
             resume_from: None,
+            consumed: None,
         });
     }
     Ok(steps)
@@ -494,7 +504,7 @@ pub fn run(args: RunArgs, threads: Option<i32>) -> Result<Outcome> {
                 let state = StageState {
                     stage: step.name.to_string(),
                     input_hash: hash,
-                    output_hash: hash_path(&step.output)?,
+                    output_hash: hash_path(step.consumed.as_ref().unwrap_or(&step.output))?,
                     output: step.output.clone(),
                     files: fingerprint(&step.output)?,
                     passed: outcome == Outcome::Success,
