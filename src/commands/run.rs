@@ -42,6 +42,22 @@ struct Step {
     consumed: Option<PathBuf>,
 }
 
+impl Step {
+    /// A stage that writes no extra files, cannot resume and whose whole
+    /// output is what later stages read.
+    fn new(name: &'static str, argv: Vec<String>, inputs: Vec<Input>, output: PathBuf) -> Self {
+        Self {
+            name,
+            argv,
+            inputs,
+            output,
+            files: Vec::new(),
+            resume_from: None,
+            consumed: None,
+        }
+    }
+}
+
 fn table_text(p: &Pipeline, name: &str) -> String {
     p.stage(name).map(|t| t.to_string()).unwrap_or_default()
 }
@@ -69,15 +85,12 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
                 path_str(&output),
             ];
             argv.extend(p.stage_args("import", &["file", "output"], None, &[])?);
-            steps.push(Step {
-                name: "import",
+            steps.push(Step::new(
+                "import",
                 argv,
-                inputs: vec![Input::External(path_str(file))],
-                output: output.clone(),
-                files: Vec::new(),
-                resume_from: None,
-                consumed: None,
-            });
+                vec![Input::External(path_str(file))],
+                output.clone(),
+            ));
             (path_str(&output), Some("import"))
         }
         ModelSource::Dir(dir) => {
@@ -127,15 +140,12 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
         }
         argv.extend(args);
         argv.extend(["-o".to_string(), path_str(&output)]);
-        steps.push(Step {
-            name: "ingest",
+        steps.push(Step::new(
+            "ingest",
             argv,
-            inputs: sources.into_iter().map(Input::External).collect(),
-            output: output.clone(),
-            files: Vec::new(),
-            resume_from: None,
-            consumed: None,
-        });
+            sources.into_iter().map(Input::External).collect(),
+            output.clone(),
+        ));
         data = Some((path_str(&output), Some("ingest")));
     }
 
@@ -178,15 +188,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             inputs.push(input_of(d));
         }
         argv.extend(p.stage_args("quantize", &reserved, None, &[])?);
-        steps.push(Step {
-            name: "quantize",
-            argv,
-            inputs,
-            output,
-            files: Vec::new(),
-            resume_from: None,
-            consumed: None,
-        });
+        steps.push(Step::new("quantize", argv, inputs, output));
     }
 
     if p.stage("eval").is_some() {
@@ -212,15 +214,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
         }
         argv.extend(["-o".to_string(), path_str(&output)]);
         argv.extend(p.stage_args("eval", &reserved, None, &[])?);
-        steps.push(Step {
-            name: "eval",
-            argv,
-            inputs,
-            output,
-            files: Vec::new(),
-            resume_from: None,
-            consumed: None,
-        });
+        steps.push(Step::new("eval", argv, inputs, output));
     }
 
     if let Some(table) = p.stage("export") {
@@ -260,15 +254,7 @@ fn plan(p: &Pipeline) -> Result<Vec<Step>> {
             path_str(&output),
         ];
         argv.extend(p.stage_args("export", &["model", "output"], None, &["source"])?);
-        steps.push(Step {
-            name: "export",
-            argv,
-            inputs: vec![input_of(&source)],
-            output,
-            files: Vec::new(),
-            resume_from: None,
-            consumed: None,
-        });
+        steps.push(Step::new("export", argv, vec![input_of(&source)], output));
     }
     Ok(steps)
 }
