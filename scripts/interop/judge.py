@@ -64,6 +64,122 @@ def llama_greedy(llm, prompt_ids, n):
     return out
 
 
+# GGUF tensor names of a decoder layer's linears -> the HF module names.
+GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+ST_DTYPES = {"I32": np.int32, "F16": np.float16, "F32": np.float32}
+
+
+def read_safetensors(d):
+    """All tensors of a directory's *.safetensors files (numpy only: the llama.cpp venv has no torch)."""
+    out = {}
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(d, name)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        for k, v in header.items():
+            if k == "__metadata__" or v["dtype"] not in ST_DTYPES:
+                continue
+            b, e = v["data_offsets"]
+            out[k] = raw[b:e].view(ST_DTYPES[v["dtype"]]).reshape(v["shape"])
+    return out
+
+
+def gptq4_dequantize(t, prefix):
+    """W (out, in) of a 4-bit GPTQ v1 linear, as AutoGPTQ's torch fallback computes it:
+    qweight packs 8 input rows per int32 (low nibble first), qzeros 8 output columns
+    per int32 with the format's -1 offset, W = scales[g] * (q - (z + 1))."""
+    shifts = np.arange(0, 32, 4, dtype=np.int32)
+    qw = t[f"{prefix}.qweight"]
+    q = ((qw[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, qw.shape[1])       # (in, out)
+    qz = t[f"{prefix}.qzeros"]
+    z = ((qz[:, :, None] >> shifts[None, None, :]) & 15).reshape(qz.shape[0], -1) + 1  # (groups, out)
+    g = t[f"{prefix}.g_idx"].astype(np.int64)
+    s = t[f"{prefix}.scales"].astype(np.float32)
+    return (s[g] * (q.astype(np.float32) - z[g].astype(np.float32))).T
+
+
+def gptq_repack(a, hf, report, failures):
+    """A GPTQ 4-bit group-32 checkpoint exported as Q4_0: the GGUF blocks hold GPTQ's own
+    integers and scales (dequantized equal bit for bit), and llama.cpp runs the file."""
+    w = a.work
+    gptq = a.gptq or os.path.join(w, "gptq-g32")
+    if not a.gptq and not os.path.isfile(os.path.join(gptq, "config.json")):
+        calib = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+        _, t = run([a.qcoder, "quantize", "--model", hf, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                    "--calib", calib, "--samples", "16", "--seq-len", "256", "-o", gptq])
+        report["times_s"]["gptq_quantize"] = t
+        log(f"GPTQ 4-bit g32 of the imported model in {t:.0f} s")
+    path = os.path.join(w, "gptq-g32.q4_0.gguf")
+    t0 = time.time()
+    exp = subprocess.run([a.qcoder, "export", "--model", gptq, "--format", "gguf", "--type", "q4_0", "-o", path],
+                         capture_output=True, text=True)
+    if exp.returncode != 0:
+        sys.exit(f"qcoder export of {gptq} failed:\n{exp.stderr[-3000:]}")
+    report["times_s"]["export_gptq_q4_0"] = time.time() - t0
+    log(f"exported the GPTQ checkpoint as q4_0: {(exp.stdout + exp.stderr).strip()[-400:]}")
+
+    st = read_safetensors(gptq)
+    res = {"tensors": 0, "bit_identical": 0, "mismatches": []}
+    for tensor in GGUFReader(path).tensors:
+        parts = tensor.name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in GGUF_TO_HF:
+            continue
+        prefix = f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}"
+        res["tensors"] += 1
+        if tensor.tensor_type.name != "Q4_0":
+            res["mismatches"].append(f"{tensor.name}: {tensor.tensor_type.name}, not Q4_0")
+            continue
+        ours = dequantize(tensor.data, tensor.tensor_type)
+        ref = gptq4_dequantize(st, prefix)
+        if ours.shape == ref.shape and np.array_equal(ours, ref):
+            res["bit_identical"] += 1
+        else:
+            diff = float(np.abs(ours - ref).max()) if ours.shape == ref.shape else f"shapes {ours.shape} {ref.shape}"
+            res["mismatches"].append(f"{tensor.name}: max |diff| {diff}")
+    log(f"GPTQ -> Q4_0: {res['bit_identical']}/{res['tensors']} linears dequantize bit for bit to the "
+        f"GPTQ checkpoint's weights (gguf-py vs AutoGPTQ's unpacking in numpy)")
+    if res["tensors"] == 0 or res["mismatches"]:
+        failures.append(f"GPTQ -> Q4_0 repack: {res['mismatches'][:5] or 'no linear found'}")
+
+    fim = PROMPTS[2]
+    fim_text = f"<|fim_prefix|>{fim['fim_prefix']}<|fim_suffix|>{fim['fim_suffix']}<|fim_middle|>"
+    out, _ = run([os.path.join(a.llama_bin, "llama-completion"), "-m", path, "-p", fim_text,
+                  "-n", "64", "--temp", "0", "-no-cnv", "--no-display-prompt", "-t", str(THREADS)])
+    res["llama_completion"] = out
+    log(f"llama-completion GPTQ q4_0: {out!r}")
+
+    llm = Llama(model_path=path, n_ctx=2048, n_threads=THREADS, logits_all=True, verbose=False)
+    res["prompts"] = []
+    for p in PROMPTS:
+        prompt_ids, ours = qcoder_generate(a.qcoder, gptq, p)
+        theirs = llama_greedy(llm, prompt_ids, len(ours))
+        first_diff = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), None)
+        res["prompts"].append({"qcoder": ours, "llama_cpp": theirs, "equal": ours == theirs,
+                               "first_difference": first_diff})
+        log(f"GPTQ q4_0: greedy {'EQUAL' if ours == theirs else f'differs at {first_diff}'} "
+            f"(qcoder's int4 path on the GPTQ checkpoint vs llama.cpp on the repacked file)")
+    with open(os.path.join(w, "text_ids.json")) as f:
+        ids = json.load(f)
+    llm.reset()
+    llm.eval(ids)
+    theirs = np.argmax(llm.scores[: len(ids)], axis=-1)
+    llm.close()
+    out, _ = run([a.argmax, gptq, os.path.join(w, "text_ids.json")])
+    agree = float((np.array(json.loads(out)["argmax"]) == theirs).mean())
+    res["top1_agreement"] = agree
+    log(f"GPTQ q4_0: top-1 agreement qcoder (GPTQ checkpoint) vs llama.cpp (repacked file) over "
+        f"{len(ids)} tokens: {100 * agree:.2f}%")
+    if agree < 0.98:
+        failures.append(f"GPTQ q4_0: top-1 agreement {agree:.4f} < 0.98")
+    report["checks"]["gptq_q4_0_repack"] = res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--qcoder", required=True)
@@ -71,6 +187,8 @@ def main():
     ap.add_argument("--llama-bin", required=True)
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--gptq", help="a qcoder GPTQ 4-bit checkpoint in symmetric groups of 32 "
+                    "(default: GPTQ-quantize the imported model on the stdlib's json package)")
     a = ap.parse_args()
     w = a.work
     report = {"checks": {}, "times_s": {}}
@@ -180,6 +298,8 @@ def main():
     for ty, s in summary.items():
         if s.get("rmse_ratio_max", 1.0) > 1.0 + 1e-6:
             failures.append(f"{ty}: qcoder's error exceeds llama-quantize's on some tensor (max ratio {s['rmse_ratio_max']})")
+
+    gptq_repack(a, hf, report, failures)
 
     report["failures"] = failures
     with open(os.path.join(w, "report.json"), "w") as f:
