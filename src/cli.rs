@@ -128,10 +128,23 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub ignore_eos: bool,
 
+    #[command(flatten)]
+    pub quantized: QuantizedRunArgs,
+}
+
+/// How a quantized checkpoint (GPTQ, AWQ) is run.
+#[derive(Debug, Args, Clone, Default)]
+pub struct QuantizedRunArgs {
     /// Quantized checkpoints: run dequantized dense weights instead of the
     /// int4 kernels.
     #[arg(long)]
     pub dequantize: bool,
+
+    /// Quantized checkpoints: run the layers the int4/int8 kernels cannot
+    /// (e.g. 3-bit, or group sizes the kernels lack) dequantized in f32
+    /// instead of stopping with an error.
+    #[arg(long)]
+    pub allow_dequant: bool,
 
     /// Output head on the fast path: keep, int8 or int4 (default: int8 for
     /// quantized checkpoints, keep otherwise).
@@ -297,6 +310,9 @@ pub struct EvalArgs {
     /// Compute dtype: f32, bf16 or f16 (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+
+    #[command(flatten)]
+    pub quantized: QuantizedRunArgs,
 }
 
 // ---- qcoder ingest -------------------------------------------------------

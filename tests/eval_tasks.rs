@@ -231,3 +231,82 @@ fn bad_eval_input_exits_2() {
         );
     }
 }
+
+/// A checkpoint the int4 kernels cannot run (3 bits) is refused before any
+/// model loads, naming the model and the flag; with `--allow-dequant` it runs
+/// dequantized, with a note, and gives the same perplexity as `--dequantize`
+/// (with the same dense output head).
+#[test]
+fn fast_path_refusal_and_allow_dequant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let base = fixture("qwen2");
+    let q3 = tmp.path().join("q3");
+    let quant = common::qcoder(
+        &[
+            &"--threads",
+            &"1",
+            &"quantize",
+            &"-m",
+            &base,
+            &"-o",
+            &q3,
+            &"--method",
+            &"rtn",
+            &"--bits",
+            &"3",
+            &"--group-size",
+            &"32",
+        ],
+        tmp.path(),
+    );
+    assert!(quant.status.success(), "{}", show(&quant));
+    let out = tmp.path().join("r");
+    let run = |flags: &[&str]| {
+        let mut args = vec![
+            "-m",
+            base.to_str().unwrap(),
+            "-m",
+            q3.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--tasks",
+            "ppl",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(flags);
+        eval(&args, tmp.path())
+    };
+    let refused = run(&[]);
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("q3") && err.contains("3 bits") && err.contains("--allow-dequant"),
+        "{}",
+        show(&refused)
+    );
+    assert!(!out.exists(), "a refused eval wrote {}", out.display());
+
+    let ppl = |o: &Output| -> f64 {
+        assert!(o.status.success(), "{}", show(o));
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap())
+                .unwrap();
+        report["models"][1]["ppl"]["ppl"].as_f64().unwrap()
+    };
+    // The dense head, as --dequantize has it (the fast path's default head is int8).
+    let allowed = run(&["--allow-dequant", "--head", "keep"]);
+    assert!(
+        String::from_utf8_lossy(&allowed.stderr).contains("run dequantized"),
+        "{}",
+        show(&allowed)
+    );
+    let a = ppl(&allowed);
+    std::fs::remove_dir_all(&out).unwrap();
+    let b = ppl(&run(&["--dequantize"]));
+    assert!(
+        a.is_finite() && a == b,
+        "--allow-dequant {a} vs --dequantize {b}"
+    );
+}

@@ -20,6 +20,7 @@ use crate::eval::latency::{self, LatencySummary};
 use crate::eval::plot;
 use crate::eval::ppl::{document_perplexity, Perplexity};
 use crate::eval::sandbox::{Limits, Sandbox};
+use crate::infer::quantized::Int4Linear;
 use crate::model::{self, hub, LoadOptions};
 use crate::tokenizer::CodeTokenizer;
 
@@ -136,6 +137,19 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
                 name
             };
             let config = model::read_config(&dir)?;
+            if let (Some(qc), false, false) = (
+                &config.quantization_config,
+                args.quantized.dequantize,
+                args.quantized.allow_dequant,
+            ) {
+                Int4Linear::check_config(qc).map_err(|reason| {
+                    anyhow::anyhow!(
+                        "{}: the fast int4 path cannot run this checkpoint ({reason}); pass \
+                         --allow-dequant to run its layers dequantized in f32",
+                        dir.display()
+                    )
+                })?;
+            }
             Ok((name, dir, config))
         })
         .collect::<Result<_>>()?;
@@ -190,7 +204,7 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
     for (name, dir, config) in &models {
         let start = std::time::Instant::now();
         let tokenizer = CodeTokenizer::from_model_dir(dir)?;
-        let lm = load_for_inference(dir, config, LoadOptions { device, kind }, false, None)?;
+        let lm = load_for_inference(dir, config, LoadOptions { device, kind }, &args.quantized)?;
         let mut extra_stops = config.eos_token_ids();
         extra_stops.extend(model::generation_eos_ids(dir)?);
         let stop_ids = tokenizer.stop_ids(&extra_stops);
@@ -292,6 +306,7 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
             "seed": args.seed,
             "samples": fim_samples.len(),
             "max_new_tokens": fim::MAX_NEW_TOKENS,
+            "completion": "cut at the hidden span's line count (generation stops there)",
             "max_prefix_chars": fim::MAX_PREFIX_CHARS,
             "max_suffix_chars": fim::MAX_SUFFIX_CHARS,
             "accepted": "equal after trimming trailing whitespace of every line and trailing blank lines",

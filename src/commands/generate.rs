@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::Outcome;
-use crate::cli::GenerateArgs;
+use crate::cli::{GenerateArgs, QuantizedRunArgs};
 use crate::device::{parse_device, parse_kind};
 use crate::infer::quantized::{quantize_head, FastPath, HeadQuant};
 use crate::infer::{generate, SamplingParams};
@@ -42,13 +42,7 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
             dir.join("config.json").display()
         );
     }
-    let model = load_for_inference(
-        &dir,
-        &config,
-        LoadOptions { device, kind },
-        args.dequantize,
-        args.head,
-    )?;
+    let model = load_for_inference(&dir, &config, LoadOptions { device, kind }, &args.quantized)?;
     let mut extra_stops = config.eos_token_ids();
     extra_stops.extend(model::generation_eos_ids(&dir)?);
     let stop_ids = if args.ignore_eos {
@@ -134,32 +128,38 @@ pub fn run(args: GenerateArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// Loads a model for inference: a quantized checkpoint runs on the int4
-/// kernels (layers they cannot run fall back to dense, with a note) with an
-/// int8 output head unless told otherwise.
+/// Loads a model for inference: a quantized checkpoint runs on the int4/int8
+/// kernels with an int8 output head unless told otherwise; a layer the kernels
+/// cannot run is an error naming it, or runs dequantized with
+/// `--allow-dequant` (and a note saying how many and why).
 pub fn load_for_inference(
     dir: &std::path::Path,
     config: &crate::model::ModelConfig,
     opts: LoadOptions,
-    dequantize: bool,
-    head: Option<HeadQuant>,
+    run: &QuantizedRunArgs,
 ) -> Result<crate::model::CausalLm> {
     let quantized = config.quantization_config.is_some();
     let context = || format!("loading the model in {}", dir.display());
-    if !quantized || dequantize {
+    let cpu = !opts.device.is_cuda();
+    if !quantized || run.dequantize {
         let mut model = model::load_dir(dir, opts).with_context(context)?;
-        if let Some(h) = head {
+        if let Some(h) = run.head {
             quantize_head(&mut model, h)
                 .with_context(|| "quantizing the output head".to_string())?;
+            model.own_cpu_kernels = cpu && h != HeadQuant::Keep;
         }
         return Ok(model);
     }
-    let fast = FastPath::new(true);
+    let fast = FastPath::new(run.allow_dequant);
     let mut model = model::load_dir_with(dir, opts, &fast).with_context(context)?;
     if let (n @ 1.., Some(reason)) = fast.fallbacks() {
-        eprintln!("note: {n} layers run dequantized (the int4 kernels cannot run them: {reason})");
+        eprintln!(
+            "note: {}: {n} layers run dequantized (the int4 kernels cannot run them: {reason})",
+            dir.display()
+        );
     }
-    quantize_head(&mut model, head.unwrap_or(HeadQuant::Int8))
+    quantize_head(&mut model, run.head.unwrap_or(HeadQuant::Int8))
         .with_context(|| "quantizing the output head".to_string())?;
+    model.own_cpu_kernels = cpu;
     Ok(model)
 }

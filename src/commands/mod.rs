@@ -27,6 +27,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     if let Some(threads) = cli.threads {
         anyhow::ensure!(threads > 0, "--threads must be at least 1");
         tch::set_num_threads(threads);
+        // qcoder's own kernels (CPU fast path, ingest) share the count.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads as usize)
+            .build_global();
     }
     dispatch(cli.command, cli.threads)
 }

@@ -12,13 +12,20 @@
 //! The hidden span is whole lines without the final newline: the prefix ends
 //! at the start of the first hidden line and the suffix starts with the
 //! newline after the last one, so the cursor sits where a user would type.
+//!
+//! A completion is as many lines as the hidden span, as an editor showing a
+//! completion of that size would insert (line-level completion benchmarks
+//! such as RepoBench and CrossCodeEval likewise score the first line):
+//! generation stops at the newline that would start one line more, and the
+//! text is cut there. Without the cut a model that writes on into the suffix
+//! is never accepted, and each sample costs the full token budget.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::infer::{generate, Generated, SamplingParams};
+use crate::infer::{generate_until, Generated, SamplingParams};
 use crate::model::{CausalLm, ModelError};
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
@@ -237,16 +244,38 @@ pub fn complete(
 ) -> Result<(String, Generated, usize), FimError> {
     let room = model.max_positions().saturating_sub(max_new_tokens);
     let ids = prompt(tokenizer, sample, room)?;
-    let out = generate(
+    let mut so_far = Vec::new();
+    let mut stream_err = None;
+    let out = generate_until(
         model,
         &ids,
         max_new_tokens,
         stop_ids,
         SamplingParams::default(),
-        &mut |_| {},
+        &mut |id| {
+            so_far.push(id);
+            match tokenizer.decode(&so_far, false) {
+                Ok(text) => cut_lines(&text, sample.lines).len() < text.len(),
+                Err(e) => {
+                    stream_err = Some(e);
+                    true
+                }
+            }
+        },
     )?;
+    if let Some(e) = stream_err {
+        return Err(e.into());
+    }
     let text = tokenizer.decode(&out.tokens, false)?;
-    Ok((text, out, ids.len()))
+    Ok((cut_lines(&text, sample.lines).to_string(), out, ids.len()))
+}
+
+/// The first `lines` lines of `text`, without the newline that ends the last.
+pub fn cut_lines(text: &str, lines: usize) -> &str {
+    match text.match_indices('\n').nth(lines.saturating_sub(1)) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
 }
 
 /// Scores one completion of `sample`.
@@ -327,5 +356,15 @@ mod tests {
         assert!(!r.exact && r.accepted);
         let sc = scores(&[r, score(&s, "x = 1".into())]);
         assert_eq!((sc.exact_match, sc.accept_rate), (0.5, 1.0));
+    }
+
+    #[test]
+    fn completions_are_cut_at_the_span_line_count() {
+        assert_eq!(cut_lines("a\nb\nc", 1), "a");
+        assert_eq!(cut_lines("a\nb\nc", 2), "a\nb");
+        assert_eq!(cut_lines("a\nb", 2), "a\nb");
+        assert_eq!(cut_lines("a\nb\n", 2), "a\nb");
+        assert_eq!(cut_lines("\nx", 1), "");
+        assert_eq!(cut_lines("abc", 3), "abc");
     }
 }

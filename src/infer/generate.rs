@@ -121,6 +121,7 @@ pub fn generate_until(
     let prefill = start.elapsed();
 
     let decode_start = Instant::now();
+    let _threads = model.own_cpu_kernels.then(|| TorchThreads::set(1));
     let mut decode_steps = 0;
     let stop = loop {
         if stop_ids.contains(&next) {
@@ -147,4 +148,21 @@ pub fn generate_until(
         decode: decode_start.elapsed(),
         decode_steps,
     })
+}
+
+/// libtorch's intra-op thread count for a scope, restored on drop.
+struct TorchThreads(i32);
+
+impl TorchThreads {
+    fn set(n: i32) -> Self {
+        let old = tch::get_num_threads();
+        tch::set_num_threads(n);
+        Self(old)
+    }
+}
+
+impl Drop for TorchThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
 }

@@ -1,5 +1,6 @@
 //! Inference on top of the decoder: sampling and the generation loop.
 
+pub mod cpu_kernels;
 pub mod generate;
 pub mod quantized;
 pub mod sampling;

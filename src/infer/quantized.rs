@@ -1,21 +1,25 @@
 //! The fast path for quantized checkpoints: linear layers that keep their
-//! weights as integers and multiply with libtorch's weight-only kernels, so
-//! decoding never materialises a dequantized weight.
+//! weights as integers, so decoding never materialises a dequantized weight.
 //!
-//! * 4-bit: `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA) on
-//!   the layout `_convert_weight_to_int4pack[_for_cpu]` makes. The kernels
-//!   dequantize as `(q - 8) * scale + zero'`, so a GPTQ/AWQ zero point z
-//!   becomes `zero' = scale * (8 - z)`. Groups must be contiguous: an
-//!   act-order checkpoint's columns (and every input) are permuted once so
-//!   its groups are (`g_idx` sorted).
-//! * 8-bit per output channel: `_weight_int8pack_mm`, for the output head,
-//!   which otherwise dominates decoding (151,936 x 896 for Qwen2.5-Coder).
+//! * CPU: qcoder's own matrix–vector kernels (`cpu_kernels`: AVX2+FMA, rayon
+//!   over rows) for 4-bit groups and the 8-bit output head; inputs of many
+//!   rows (a prompt, a perplexity window) run a dense product of the layer's
+//!   weight dequantized on the fly, one layer at a time.
+//! * CUDA: libtorch's `_weight_int4pack_mm` on the layout
+//!   `_convert_weight_to_int4pack` makes (it dequantizes as
+//!   `(q - 8) * scale + zero'`, so a GPTQ/AWQ zero point z becomes
+//!   `zero' = scale * (8 - z)`), and `_weight_int8pack_mm` for the head.
+//! * Groups must be contiguous: an act-order checkpoint's columns (and every
+//!   input) are permuted once so its groups are (`g_idx` sorted).
+//! * The 8-bit head exists because the output head otherwise dominates
+//!   decoding (151,936 x 896 for Qwen2.5-Coder).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
+use super::cpu_kernels::{Int4Matrix, Int8Matrix};
 use crate::model::decoder::{Dequantize, LoadOptions, QuantizedLayers};
 use crate::model::linear::Linear;
 use crate::model::{CausalLm, ModelError};
@@ -28,7 +32,7 @@ pub enum FastPathError {
     Bits { bits: u32 },
     #[error("the int4 kernels take group sizes 32, 64, 128 or 256; this layer has {group}")]
     Group { group: usize },
-    #[error("the int4 kernels need the output size to be a multiple of 16 (CPU) or 8 (CUDA) and the input size a multiple of the group; this layer is {out_features}x{in_features}")]
+    #[error("the int4 kernels need the input size to be a multiple of the group (on CUDA also of 32, and the output size a multiple of 8); this layer is {out_features}x{in_features}")]
     Shape { out_features: i64, in_features: i64 },
     #[error("act-order groups of unequal size (g_idx has a group of {size} columns, not {group})")]
     Groups { size: i64, group: usize },
@@ -36,12 +40,10 @@ pub enum FastPathError {
     Torch(#[from] tch::TchError),
 }
 
-/// A 4-bit linear layer on libtorch's int4 kernels.
+/// A 4-bit linear layer: qcoder's own kernel on CPU, libtorch's on CUDA.
 #[derive(Debug)]
 pub struct Int4Linear {
-    packed: Tensor,
-    /// (groups, out, 2): scale and zero′ per group and output, in `kind`.
-    scales_zeros: Tensor,
+    kernel: Int4Kernel,
     group_size: i64,
     in_features: i64,
     out_features: i64,
@@ -50,33 +52,68 @@ pub struct Int4Linear {
     bias: Option<Tensor>,
     /// Activation dtype the kernel runs in.
     kind: Kind,
-    /// On CPU, the integers again as bytes (one per weight, in the original
-    /// column order) for inputs of many rows: libtorch's CPU int4 kernel is
-    /// built for decode (a few rows) and is far slower than a dense matrix
-    /// product on a long prompt, so prefill and perplexity windows dequantize
-    /// the layer on the fly (a transient dense weight, one layer at a time).
-    prefill: Option<QuantizedLinear>,
 }
 
-/// Rows (tokens) from which a CPU forward dequantizes instead of using the
-/// int4 kernel.
+#[derive(Debug)]
+enum Int4Kernel {
+    /// `_weight_int4pack_mm`: the packed weight and (groups, out, 2) scale
+    /// and zero′ per group and output, in the activation dtype.
+    Cuda {
+        packed: Tensor,
+        scales_zeros: Tensor,
+    },
+    Cpu(Int4Matrix),
+}
+
+/// Rows (tokens) from which a CPU forward runs a dense product of the
+/// dequantized weight (a transient, one layer at a time) instead of the
+/// matrix–vector kernels: a long prompt or a perplexity window.
 const PREFILL_ROWS: i64 = 16;
 
 /// Inner K tiles of the packed layout (torch's default for these kernels).
 const INNER_K_TILES: i64 = 2;
 
 impl Int4Linear {
-    pub fn new(q: &QuantizedLinear, device: Device, kind: Kind) -> Result<Self, FastPathError> {
-        if q.bits != 4 {
-            return Err(FastPathError::Bits { bits: q.bits });
+    /// Whether the kernels take this bit width and group size at all.
+    pub fn check_geometry(bits: u32, group: usize) -> Result<(), FastPathError> {
+        if bits != 4 {
+            return Err(FastPathError::Bits { bits });
         }
-        let group = q.group_size;
         if ![32, 64, 128, 256].contains(&group) {
             return Err(FastPathError::Group { group });
         }
+        Ok(())
+    }
+
+    /// `check_geometry` from a checkpoint's `quantization_config` (GPTQ and
+    /// AWQ both name `bits` and `group_size`; -1 is one group per row), so a
+    /// job can refuse a model before minutes of work on the others.
+    pub fn check_config(quantization_config: &serde_json::Value) -> Result<(), FastPathError> {
+        let field = |k: &str| {
+            quantization_config
+                .get(k)
+                .and_then(serde_json::Value::as_i64)
+        };
+        match (field("bits"), field("group_size")) {
+            (Some(bits), Some(group)) => Self::check_geometry(
+                u32::try_from(bits).unwrap_or(0),
+                usize::try_from(group).unwrap_or(0),
+            ),
+            // Unknown layout: the per-layer check at load time decides.
+            _ => Ok(()),
+        }
+    }
+
+    pub fn new(q: &QuantizedLinear, device: Device, kind: Kind) -> Result<Self, FastPathError> {
+        Self::check_geometry(q.bits, q.group_size)?;
+        let group = q.group_size;
         let (out_f, in_f) = (q.out_features(), q.in_features());
-        let n_align = if device.is_cuda() { 8 } else { 16 };
-        if out_f % n_align != 0 || in_f % group as i64 != 0 || in_f % (INNER_K_TILES * 16) != 0 {
+        let shape_ok = if device.is_cuda() {
+            out_f % 8 == 0 && in_f % group as i64 == 0 && in_f % (INNER_K_TILES * 16) == 0
+        } else {
+            in_f % group as i64 == 0
+        };
+        if !shape_ok {
             return Err(FastPathError::Shape {
                 out_features: out_f,
                 in_features: in_f,
@@ -94,72 +131,97 @@ impl Int4Linear {
             let perm = q.g_idx.argsort(0, false).to_kind(Kind::Int64);
             (q.q.index_select(1, &perm), Some(perm.to_device(device)))
         };
-        let packed = if device.is_cuda() {
+        let kernel = if device.is_cuda() {
             // The CUDA converter takes two nibbles per byte, high nibble first.
             let even = ints.slice(1, 0, in_f, 2);
             let odd = ints.slice(1, 1, in_f, 2);
             let bytes = (even * 16 + odd).to_kind(Kind::Uint8).to_device(device);
-            bytes.f_internal_convert_weight_to_int4pack(INNER_K_TILES)?
+            let packed = bytes.f_internal_convert_weight_to_int4pack(INNER_K_TILES)?;
+            // The kernel dequantizes as (q − 8)·scale + zero′.
+            let scales = q.scales.to_kind(Kind::Float); // (groups, out)
+            let zeros = &scales * (8.0 - q.zeros.to_kind(Kind::Float));
+            let scales_zeros = Tensor::stack(&[scales, zeros], 2)
+                .to_kind(kind)
+                .to_device(device)
+                .contiguous();
+            Int4Kernel::Cuda {
+                packed,
+                scales_zeros,
+            }
         } else {
-            ints.to_kind(Kind::Int)
-                .f_internal_convert_weight_to_int4pack_for_cpu(INNER_K_TILES)?
+            let per_row = |t: &Tensor| -> Result<Vec<f32>, tch::TchError> {
+                // (groups, out) → row-major (out, groups)
+                Vec::<f32>::try_from(t.to_kind(Kind::Float).transpose(0, 1).contiguous().view(-1))
+            };
+            let q8: Vec<u8> = Vec::<u8>::try_from(ints.to_kind(Kind::Uint8).contiguous().view(-1))?;
+            Int4Kernel::Cpu(Int4Matrix::new(
+                &q8,
+                &per_row(&q.scales)?,
+                &per_row(&q.zeros)?,
+                out_f as usize,
+                in_f as usize,
+                group,
+            ))
         };
-        let scales = q.scales.to_kind(Kind::Float); // (groups, out)
-        let zeros = &scales * (8.0 - q.zeros.to_kind(Kind::Float));
-        let scales_zeros = Tensor::stack(&[scales, zeros], 2)
-            .to_kind(kind)
-            .to_device(device)
-            .contiguous();
         Ok(Self {
-            packed,
-            scales_zeros,
+            kernel,
             group_size: group as i64,
             in_features: in_f,
             out_features: out_f,
             perm,
             bias: q.bias.as_ref().map(|b| b.to_kind(kind).to_device(device)),
             kind,
-            prefill: (!device.is_cuda()).then(|| QuantizedLinear {
-                bits: q.bits,
-                group_size: q.group_size,
-                q: q.q.to_kind(Kind::Uint8),
-                scales: q.scales.to_kind(Kind::Float),
-                zeros: q.zeros.shallow_clone(),
-                g_idx: q.g_idx.shallow_clone(),
-                bias: None,
-            }),
         })
     }
+}
+
+/// `rows` (n, in) through a CPU matrix: matrix–vector kernels for a few rows,
+/// a dense product of the dequantized weight for many. f32 in and out.
+fn cpu_product(
+    rows: &Tensor,
+    out_features: usize,
+    gemv: impl Fn(&[f32], &mut [f32]),
+    dequantize: impl FnOnce() -> Vec<f32>,
+) -> Tensor {
+    let rows = rows.to_kind(Kind::Float);
+    let n = rows.size()[0];
+    if n >= PREFILL_ROWS {
+        let weight = Tensor::from_slice(&dequantize()).view([out_features as i64, -1]);
+        return rows.matmul(&weight.transpose(0, 1));
+    }
+    let cols = rows.size()[1] as usize;
+    let x = Vec::<f32>::try_from(rows.contiguous().view(-1)).expect("f32 rows convert to a Vec");
+    let mut y = vec![0f32; n as usize * out_features];
+    for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(out_features)) {
+        gemv(xr, yr);
+    }
+    Tensor::from_slice(&y).view([n, out_features as i64])
 }
 
 impl Linear for Int4Linear {
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut shape = x.size();
         let rows = x.reshape([-1, self.in_features]);
-        if let Some(source) = &self.prefill {
-            if rows.size()[0] >= PREFILL_ROWS {
-                let weight = source.dequantize().to_kind(x.kind());
-                let bias = self.bias.as_ref().map(|b| b.to_kind(x.kind()));
-                return x.linear(&weight, bias.as_ref());
-            }
-        }
         let rows = match &self.perm {
             Some(perm) => rows.index_select(1, perm),
             None => rows,
         };
         let input_kind = x.kind();
-        let rows = rows.to_kind(self.kind);
-        let out = if rows.device().is_cuda() {
-            rows.internal_weight_int4pack_mm(&self.packed, self.group_size, &self.scales_zeros)
-        } else {
-            rows.internal_weight_int4pack_mm_for_cpu(
-                &self.packed,
+        let out = match &self.kernel {
+            Int4Kernel::Cuda {
+                packed,
+                scales_zeros,
+            } => rows.to_kind(self.kind).internal_weight_int4pack_mm(
+                packed,
                 self.group_size,
-                &self.scales_zeros,
-            )
+                scales_zeros,
+            ),
+            Int4Kernel::Cpu(m) => {
+                cpu_product(&rows, m.rows(), |x, y| m.gemv(x, y), || m.dequantize())
+            }
         };
         let out = match &self.bias {
-            Some(b) => out + b,
+            Some(b) => out.to_kind(b.kind()) + b,
             None => out,
         };
         *shape.last_mut().expect("linear input has a feature axis") = self.out_features;
@@ -180,38 +242,82 @@ impl Linear for Int4Linear {
 }
 
 /// Weight-only int8 with one scale per output row (symmetric, RTN): the
-/// output head of the fast path.
+/// output head of the fast path. qcoder's kernel on CPU, libtorch's
+/// `_weight_int8pack_mm` on CUDA.
 #[derive(Debug)]
 pub struct Int8Linear {
-    /// (out, in) int8
-    weight: Tensor,
-    /// (out), in `kind`
-    scales: Tensor,
+    kernel: Int8Kernel,
     bias: Option<Tensor>,
     kind: Kind,
+}
+
+#[derive(Debug)]
+enum Int8Kernel {
+    /// (out, in) int8 and (out) scales in the activation dtype.
+    Cuda {
+        weight: Tensor,
+        scales: Tensor,
+    },
+    Cpu(Int8Matrix),
 }
 
 impl Int8Linear {
     /// Quantizes a dense (out, in) weight.
     pub fn from_dense(weight: &Tensor, bias: Option<&Tensor>, kind: Kind) -> Self {
         let _guard = tch::no_grad_guard();
+        let device = weight.device();
         let w = weight.to_kind(Kind::Float);
         let scales = (w.abs().amax(1, true) / 127.0).clamp_min(1e-12);
         let q = (&w / &scales)
             .round()
             .clamp(-127.0, 127.0)
             .to_kind(Kind::Int8);
+        let scales = scales.squeeze_dim(1);
+        let kernel = if device.is_cuda() {
+            Int8Kernel::Cuda {
+                weight: q,
+                scales: scales.to_kind(kind),
+            }
+        } else {
+            let (rows, cols) = (q.size()[0] as usize, q.size()[1] as usize);
+            Int8Kernel::Cpu(Int8Matrix::new(
+                Vec::<i8>::try_from(q.contiguous().view(-1)).expect("int8 weights"),
+                Vec::<f32>::try_from(scales.contiguous()).expect("f32 scales"),
+                rows,
+                cols,
+            ))
+        };
         Self {
-            weight: q,
-            scales: scales.squeeze_dim(1).to_kind(kind),
+            kernel,
             bias: bias.map(|b| b.to_kind(kind)),
             kind,
         }
     }
 
-    /// The weight as the kernel sees it, for tests.
+    /// The weight as the kernel sees it, f32 on CPU, for tests.
     pub fn dequantized(&self) -> Tensor {
-        self.weight.to_kind(Kind::Float) * self.scales.to_kind(Kind::Float).unsqueeze(1)
+        match &self.kernel {
+            Int8Kernel::Cuda { weight, scales } => {
+                weight.to_kind(Kind::Float) * scales.to_kind(Kind::Float).unsqueeze(1)
+            }
+            Int8Kernel::Cpu(m) => {
+                Tensor::from_slice(&m.dequantize()).view([m.rows() as i64, m.cols() as i64])
+            }
+        }
+    }
+
+    fn out_rows(&self) -> i64 {
+        match &self.kernel {
+            Int8Kernel::Cuda { weight, .. } => weight.size()[0],
+            Int8Kernel::Cpu(m) => m.rows() as i64,
+        }
+    }
+
+    fn in_cols(&self) -> i64 {
+        match &self.kernel {
+            Int8Kernel::Cuda { weight, .. } => weight.size()[1],
+            Int8Kernel::Cpu(m) => m.cols() as i64,
+        }
     }
 }
 
@@ -220,26 +326,27 @@ impl Linear for Int8Linear {
         let mut shape = x.size();
         let in_f = *shape.last().expect("linear input has a feature axis");
         let input_kind = x.kind();
-        let rows = x.reshape([-1, in_f]).to_kind(self.kind);
-        // Many rows on CPU: a dense product beats the decode kernel (as Int4Linear).
-        let out = if rows.size()[0] >= PREFILL_ROWS && !rows.device().is_cuda() {
-            let weight = self.weight.to_kind(self.kind) * self.scales.unsqueeze(1);
-            rows.matmul(&weight.transpose(0, 1))
-        } else {
-            rows.internal_weight_int8pack_mm(&self.weight, &self.scales)
+        let rows = x.reshape([-1, in_f]);
+        let out = match &self.kernel {
+            Int8Kernel::Cuda { weight, scales } => rows
+                .to_kind(self.kind)
+                .internal_weight_int8pack_mm(weight, scales),
+            Int8Kernel::Cpu(m) => {
+                cpu_product(&rows, m.rows(), |x, y| m.gemv(x, y), || m.dequantize())
+            }
         };
         let out = match &self.bias {
-            Some(b) => out + b,
+            Some(b) => out.to_kind(b.kind()) + b,
             None => out,
         };
-        *shape.last_mut().expect("feature axis") = self.weight.size()[0];
+        *shape.last_mut().expect("feature axis") = self.out_rows();
         out.to_kind(input_kind).reshape(shape)
     }
     fn in_features(&self) -> i64 {
-        self.weight.size()[1]
+        self.in_cols()
     }
     fn out_features(&self) -> i64 {
-        self.weight.size()[0]
+        self.out_rows()
     }
     fn dense_weight(&self) -> Option<&Tensor> {
         None
@@ -388,7 +495,10 @@ mod tests {
 
     #[test]
     fn int4_refuses_what_the_kernel_cannot_run() {
+        // Any output size runs on CPU; the input must hold whole groups.
         let w = Tensor::randn([8, 64], (Kind::Float, Device::Cpu));
+        assert!(Int4Linear::new(&rtn_matrix(&w, &spec(false)), Device::Cpu, Kind::Float).is_ok());
+        let w = Tensor::randn([8, 48], (Kind::Float, Device::Cpu));
         let q = rtn_matrix(&w, &spec(false));
         assert!(matches!(
             Int4Linear::new(&q, Device::Cpu, Kind::Float),

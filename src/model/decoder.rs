@@ -725,6 +725,10 @@ pub struct CausalLm {
     pub lm_head: Box<dyn Linear>,
     positional: Positional,
     opts: LoadOptions,
+    /// Decode steps run libtorch on one thread: the model's large products
+    /// run on qcoder's own CPU kernels (rayon), and libtorch's OpenMP
+    /// workers spinning between its small ops would take their cores.
+    pub own_cpu_kernels: bool,
 }
 
 impl CausalLm {
@@ -783,6 +787,7 @@ impl CausalLm {
             lm_head,
             positional: Positional::new(config, &ckpt.root().join("config.json"), opts)?,
             opts,
+            own_cpu_kernels: false,
         })
     }
 

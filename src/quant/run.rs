@@ -106,6 +106,13 @@ pub fn validate(config: &ModelConfig, spec: &QuantSpec) -> Result<(), QuantError
     Ok(())
 }
 
+/// Restarts the peak-RSS count at the current RSS (Linux `clear_refs` 5), so
+/// a job run after others in the same process (`qcoder run`) reports its own
+/// peak. Best effort: without /proc the count simply starts at exec.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Peak resident memory of this process (VmHWM), where /proc has it.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -130,6 +137,7 @@ pub fn run(
     step_bar: &ProgressBar,
 ) -> Result<Report, QuantError> {
     let start = Instant::now();
+    reset_peak_rss();
     let config = read_config(job.model_dir)?;
     validate(&config, &job.spec)?;
     let ckpt = Checkpoint::open_dir(job.model_dir)?;
