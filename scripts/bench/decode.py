@@ -2,8 +2,8 @@
 
 The same weights on both sides: the real Qwen2.5-Coder-0.5B (imported from
 its GGUF) quantized by qcoder to 4 bits in symmetric groups of 32 (RTN: how the
-integers were chosen does not change the speed), run by qcoder on libtorch's
-int4 kernels, and exported with `qcoder export --type q4_0`, which repacks the
+integers were chosen does not change the speed), run by qcoder's int4 path
+(its own AVX2 kernels on CPU), and exported with `qcoder export --type q4_0`, which repacks the
 same integers into llama.cpp's Q4_0 blocks. llama.cpp also runs a Q4_K_M export
 of the base model, its most used type. The bound: bytes of weights read per
 generated token divided by the machine's measured copy bandwidth.
