@@ -75,16 +75,8 @@ impl Int4Matrix {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `y = W·x` for one vector `x` (`cols`) into `y` (`rows`).
-    pub fn gemv(&self, x: &[f32], y: &mut [f32]) {
+    fn gemv_int4(&self, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(y.len(), self.rows);
         let groups = self.cols / self.group;
@@ -112,9 +104,7 @@ impl Int4Matrix {
             });
     }
 
-    /// The f32 weights, row-major (for products of many rows, where a dense
-    /// matrix product is faster than any matrix–vector kernel).
-    pub fn dequantize(&self) -> Vec<f32> {
+    fn dequantize_int4(&self) -> Vec<f32> {
         let groups = self.cols / self.group;
         let half = self.cols / 2;
         let mut out = vec![0f32; self.rows * self.cols];
@@ -182,16 +172,7 @@ impl Int8Matrix {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// `y = W·x`.
-    pub fn gemv(&self, x: &[f32], y: &mut [f32]) {
+    fn gemv_int8(&self, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(y.len(), self.rows);
         let avx2 = has_avx2_fma();
@@ -219,8 +200,7 @@ impl Int8Matrix {
             });
     }
 
-    /// The f32 weights, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
+    fn dequantize_int8(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols)
             .zip(self.q.par_chunks(self.cols))
@@ -233,6 +213,38 @@ impl Int8Matrix {
         out
     }
 }
+
+/// A weight matrix the CPU kernels multiply with.
+pub trait MatVec: Send + Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// `y = W·x` for one vector `x` (`cols`) into `y` (`rows`).
+    fn gemv(&self, x: &[f32], y: &mut [f32]);
+    /// The f32 weights, row-major (for products of many rows, where a dense
+    /// matrix product is faster than any matrix–vector kernel).
+    fn dequantize(&self) -> Vec<f32>;
+}
+
+macro_rules! mat_vec {
+    ($t:ty, $gemv:ident, $dequantize:ident) => {
+        impl MatVec for $t {
+            fn rows(&self) -> usize {
+                self.rows
+            }
+            fn cols(&self) -> usize {
+                self.cols
+            }
+            fn gemv(&self, x: &[f32], y: &mut [f32]) {
+                self.$gemv(x, y)
+            }
+            fn dequantize(&self) -> Vec<f32> {
+                self.$dequantize()
+            }
+        }
+    };
+}
+mat_vec!(Int4Matrix, gemv_int4, dequantize_int4);
+mat_vec!(Int8Matrix, gemv_int8, dequantize_int8);
 
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
-use super::cpu_kernels::{Int4Matrix, Int8Matrix};
+use super::cpu_kernels::{Int4Matrix, Int8Matrix, MatVec};
 use crate::model::decoder::{Dequantize, LoadOptions, QuantizedLayers};
 use crate::model::linear::Linear;
 use crate::model::{CausalLm, ModelError};
@@ -177,23 +177,21 @@ impl Int4Linear {
 
 /// `rows` (n, in) through a CPU matrix: matrix–vector kernels for a few rows,
 /// a dense product of the dequantized weight for many. f32 in and out.
-fn cpu_product(
-    rows: &Tensor,
-    out_features: usize,
-    gemv: impl Fn(&[f32], &mut [f32]),
-    dequantize: impl FnOnce() -> Vec<f32>,
-) -> Tensor {
+fn cpu_product(rows: &Tensor, m: &dyn MatVec) -> Tensor {
     let rows = rows.to_kind(Kind::Float);
     let n = rows.size()[0];
+    let out_features = m.rows();
     if n >= PREFILL_ROWS {
-        let weight = Tensor::from_slice(&dequantize()).view([out_features as i64, -1]);
+        let weight = Tensor::from_slice(&m.dequantize()).view([out_features as i64, -1]);
         return rows.matmul(&weight.transpose(0, 1));
     }
-    let cols = rows.size()[1] as usize;
     let x = Vec::<f32>::try_from(rows.contiguous().view(-1)).expect("f32 rows convert to a Vec");
     let mut y = vec![0f32; n as usize * out_features];
-    for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(out_features)) {
-        gemv(xr, yr);
+    for (xr, yr) in x
+        .chunks_exact(m.cols())
+        .zip(y.chunks_exact_mut(out_features))
+    {
+        m.gemv(xr, yr);
     }
     Tensor::from_slice(&y).view([n, out_features as i64])
 }
@@ -216,9 +214,7 @@ impl Linear for Int4Linear {
                 self.group_size,
                 scales_zeros,
             ),
-            Int4Kernel::Cpu(m) => {
-                cpu_product(&rows, m.rows(), |x, y| m.gemv(x, y), || m.dequantize())
-            }
+            Int4Kernel::Cpu(m) => cpu_product(&rows, m),
         };
         let out = match &self.bias {
             Some(b) => out.to_kind(b.kind()) + b,
@@ -331,9 +327,7 @@ impl Linear for Int8Linear {
             Int8Kernel::Cuda { weight, scales } => rows
                 .to_kind(self.kind)
                 .internal_weight_int8pack_mm(weight, scales),
-            Int8Kernel::Cpu(m) => {
-                cpu_product(&rows, m.rows(), |x, y| m.gemv(x, y), || m.dequantize())
-            }
+            Int8Kernel::Cpu(m) => cpu_product(&rows, m),
         };
         let out = match &self.bias {
             Some(b) => out.to_kind(b.kind()) + b,
