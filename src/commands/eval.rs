@@ -272,6 +272,12 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
             bar.finish_and_clear();
         }
         result.seconds = start.elapsed().as_secs_f64();
+        // One line per model as it finishes: batch logs have no progress bars.
+        let measured: Vec<String> = METRICS
+            .iter()
+            .filter_map(|(metric, _)| result.metric(metric).map(|v| format!("{metric} {v:.4}")))
+            .collect();
+        eprintln!("{name}: {} ({:.1} s)", measured.join(", "), result.seconds);
         results.push(result);
     }
 
