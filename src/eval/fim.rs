@@ -25,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::infer::{generate_until, Generated, SamplingParams};
+use crate::infer::Generated;
 use crate::model::{CausalLm, ModelError};
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
@@ -244,30 +244,15 @@ pub fn complete(
 ) -> Result<(String, Generated, usize), FimError> {
     let room = model.max_positions().saturating_sub(max_new_tokens);
     let ids = prompt(tokenizer, sample, room)?;
-    let mut so_far = Vec::new();
-    let mut stream_err = None;
-    let out = generate_until(
+    let (text, out) = super::complete_until_cut::<FimError>(
         model,
+        tokenizer,
         &ids,
         max_new_tokens,
         stop_ids,
-        SamplingParams::default(),
-        &mut |id| {
-            so_far.push(id);
-            match tokenizer.decode(&so_far, false) {
-                Ok(text) => cut_lines(&text, sample.lines).len() < text.len(),
-                Err(e) => {
-                    stream_err = Some(e);
-                    true
-                }
-            }
-        },
+        |text| cut_lines(text, sample.lines),
     )?;
-    if let Some(e) = stream_err {
-        return Err(e.into());
-    }
-    let text = tokenizer.decode(&out.tokens, false)?;
-    Ok((cut_lines(&text, sample.lines).to_string(), out, ids.len()))
+    Ok((text, out, ids.len()))
 }
 
 /// The first `lines` lines of `text`, without the newline that ends the last.

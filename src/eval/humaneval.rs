@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::sandbox::{Execution, Sandbox, SandboxError};
-use crate::infer::{generate_until, SamplingParams};
 use crate::model::{CausalLm, ModelError};
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
@@ -165,32 +164,15 @@ pub fn complete(
     problem: &Problem,
 ) -> Result<(String, usize), HumanEvalError> {
     let prompt = tokenizer.encode(&problem.prompt, true)?;
-    let mut ids = Vec::new();
-    let mut stream_err = None;
-    let out = generate_until(
+    let (text, out) = super::complete_until_cut::<HumanEvalError>(
         model,
+        tokenizer,
         &prompt,
         MAX_NEW_TOKENS,
         stop_ids,
-        SamplingParams::default(),
-        &mut |id| {
-            ids.push(id);
-            // Checking only every few tokens would save little: decoding
-            // 512 ids is cheap next to a forward pass.
-            match tokenizer.decode(&ids, false) {
-                Ok(text) => text.len() != truncate_at_stop(&text).len(),
-                Err(e) => {
-                    stream_err = Some(e);
-                    true
-                }
-            }
-        },
+        truncate_at_stop,
     )?;
-    if let Some(e) = stream_err {
-        return Err(e.into());
-    }
-    let text = tokenizer.decode(&out.tokens, false)?;
-    Ok((truncate_at_stop(&text).to_string(), out.tokens.len()))
+    Ok((text, out.tokens.len()))
 }
 
 /// pass@1 over the results (greedy: one sample per problem).
