@@ -1,42 +1,115 @@
 //! CPU kernels of the fast path: matrix–vector products of 4-bit and 8-bit
-//! weights with f32 activations, for decode (one to a few rows).
+//! weights, for decode (one to a few rows).
 //!
 //! libtorch's CPU kernels for this (`_weight_int4pack_mm_for_cpu`,
 //! `_weight_int8pack_mm`) are vectorised for AVX-512 only: on an AVX2 CPU
 //! they measured 5.8 ms for one 4864×896 int4 product (2.0 ms dense f32) and
 //! 103 ms for the 151,936×896 int8 output head, which made 4-bit decode 2.4×
-//! slower than f32. These kernels read each weight once, widen nibbles or
-//! bytes to f32 in registers and accumulate with FMA (AVX2+FMA where the CPU
-//! has them, detected at run time; portable code otherwise), rows split
-//! across rayon's threads.
+//! slower than f32. These kernels read each weight once and multiply it with
+//! the activations quantized to int8 (blocks of 32 with one f32 scale, the
+//! Q8_0 blocks llama.cpp multiplies its weights with): integer products with
+//! `maddubs`/`madd` (AVX2+FMA where the CPU has them, detected at run time;
+//! portable code with the same arithmetic otherwise), one f32 scale per block,
+//! rows split across a team of threads that stays awake between products
+//! (`team`).
 //!
-//! Int4 layout: per row, blocks of 32 consecutive columns in 16 bytes, byte
-//! `j` holding column `j` in its low nibble and column `j + 16` in its high
-//! one (the arrangement of llama.cpp's Q4_0 blocks); per row and group a scale
-//! `s` and `m = −s·z`, so that `w = s·q + m` and
-//! `y = Σ_g s_g·(q_g·x_g) + Σ_g m_g·Σ x_g`.
+//! Accuracy: the only error beyond f32 rounding is the activations'
+//! rounding, at most half a step `d_b = max|x_b|/127` per element, so
+//! `|Δy_r| ≤ Σ_b d_b/2 · Σ_{j∈b} |w_rj|` (the unit tests assert this bound).
+//!
+//! Int4 layout: per row, per group, a 4-byte header (the group's scale `s`
+//! and zero `z` as f16) then the group's blocks of 32 consecutive columns in
+//! 16 bytes each, byte `j` holding column `j` in its low nibble and column
+//! `j + 16` in its high one (the arrangement of llama.cpp's Q4_0 blocks):
+//! one stream per row, 20 bytes per 32 weights at group 32. With
+//! `w = s·(q − z)`, `y = Σ_g s_g·(q_g·x_g) − Σ_g s_g·z_g·Σ x_g`.
+//!
+//! Measured (0.5B, group 32, 2 threads, `qcoder generate`): 14.4 tok/s with
+//! f32 activations and rayon, 20.9 with all of the above
+//! (`scripts/bench/decode`).
 
+use super::team::Team;
+use half::f16;
 use rayon::prelude::*;
 
-/// Rows per rayon task: enough work to amortise the task, small enough to
+/// Rows per task: enough work to amortise the task, small enough to
 /// balance two to a few dozen threads.
 const ROWS_PER_TASK: usize = 32;
 
-/// A 4-bit matrix in the layout above.
+/// Columns per activation block (one int8 scale each), as llama.cpp's Q8_0.
+const BLOCK: usize = 32;
+
+/// An activation vector quantized to int8 in blocks of [`BLOCK`]: element
+/// `j` of block `b` is `d[b]·q[32b + j]`; the last block is zero-padded.
+struct QuantizedX {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    /// `d[b]·Σ_j q[32b + j]`: the block's sum as the kernels see it.
+    sums: Vec<f32>,
+}
+
+impl QuantizedX {
+    fn new(x: &[f32]) -> Self {
+        let blocks = x.len().div_ceil(BLOCK);
+        let mut out = Self {
+            q: vec![0i8; blocks * BLOCK],
+            d: vec![0f32; blocks],
+            sums: vec![0f32; blocks],
+        };
+        let full = x.len() / BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            for b in 0..full {
+                // SAFETY: AVX2 checked; block `b` is whole in `x` and `q`.
+                unsafe { x86::quantize_block(&x[b * BLOCK..], &mut out, b) };
+            }
+            for b in full..blocks {
+                out.quantize_block_portable(&x[b * BLOCK..], b);
+            }
+            return out;
+        }
+        for b in 0..blocks {
+            out.quantize_block_portable(&x[b * BLOCK..], b);
+        }
+        out
+    }
+
+    /// Block `b` from `x` (its first up to 32 values).
+    fn quantize_block_portable(&mut self, x: &[f32], b: usize) {
+        let xb = &x[..x.len().min(BLOCK)];
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut isum = 0i32;
+        for (o, v) in self.q[b * BLOCK..].iter_mut().zip(xb) {
+            // Ties to even, as `_mm256_round_ps` rounds; |v·inv| ≤ 127.
+            *o = (v * inv).round_ties_even() as i8;
+            isum += i32::from(*o);
+        }
+        self.d[b] = scale;
+        self.sums[b] = scale * isum as f32;
+    }
+}
+
+/// Bytes before each group's nibbles: its scale and zero as f16.
+const HEADER: usize = 4;
+
+/// A 4-bit matrix in the layout above: per row, per group, the group's
+/// header then its blocks, one stream the CPU prefetches in order.
 #[derive(Debug)]
 pub struct Int4Matrix {
     rows: usize,
     cols: usize,
     group: usize,
-    nibbles: Vec<u8>,
-    scales: Vec<f32>,
-    mins: Vec<f32>,
+    data: Vec<u8>,
 }
 
 impl Int4Matrix {
     /// From row-major integers `q` (`rows × cols`, each in `0..16`) and per
     /// row, per group `scales` and `zeros` (`rows × cols/group`, row-major).
-    /// `group` must be a multiple of 32 dividing `cols`.
+    /// `group` must be a power of two, a multiple of 32, dividing `cols`.
+    /// Scales and zeros are kept as f16: exact for GPTQ and AWQ checkpoints,
+    /// whose scales are f16 and zeros small integers.
     pub fn new(
         q: &[u8],
         scales: &[f32],
@@ -46,32 +119,43 @@ impl Int4Matrix {
         group: usize,
     ) -> Self {
         assert!(
-            group % 32 == 0 && cols % group == 0,
+            group % BLOCK == 0 && group.is_power_of_two() && cols % group == 0,
             "group {group}, cols {cols}"
         );
         assert_eq!(q.len(), rows * cols);
         let groups = cols / group;
         assert_eq!(scales.len(), rows * groups);
         assert_eq!(zeros.len(), rows * groups);
-        let mut nibbles = vec![0u8; rows * cols / 2];
-        nibbles
-            .par_chunks_mut(cols / 2)
-            .zip(q.par_chunks(cols))
-            .for_each(|(out, row)| {
-                for (block_out, block) in out.chunks_exact_mut(16).zip(row.chunks_exact(32)) {
+        let stride = HEADER + group / 2;
+        let mut data = vec![0u8; rows * groups * stride];
+        data.par_chunks_mut(stride)
+            .zip(q.par_chunks(group))
+            .zip(scales.par_iter().zip(zeros))
+            .for_each(|((out, ints), (&s, &z))| {
+                out[..2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
+                out[2..4].copy_from_slice(&f16::from_f32(z).to_le_bytes());
+                for (block_out, block) in out[HEADER..]
+                    .chunks_exact_mut(16)
+                    .zip(ints.chunks_exact(BLOCK))
+                {
                     for j in 0..16 {
                         block_out[j] = (block[j] & 15) | ((block[j + 16] & 15) << 4);
                     }
                 }
             });
-        let mins = scales.iter().zip(zeros).map(|(s, z)| -s * z).collect();
         Self {
             rows,
             cols,
             group,
-            nibbles,
-            scales: scales.to_vec(),
-            mins,
+            data,
+        }
+    }
+
+    fn row(&self, r: usize) -> Int4Row<'_> {
+        let bytes = self.cols / self.group * (HEADER + self.group / 2);
+        Int4Row {
+            data: &self.data[r * bytes..(r + 1) * bytes],
+            group: self.group,
         }
     }
 
@@ -79,49 +163,47 @@ impl Int4Matrix {
     fn gemv_int4(&self, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(y.len(), self.rows);
-        let groups = self.cols / self.group;
-        let sums: Vec<f32> = x.chunks_exact(self.group).map(|g| g.iter().sum()).collect();
-        let half = self.cols / 2;
-        let avx2 = has_avx2_fma();
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (i, yi) in out.iter_mut().enumerate() {
-                    let r = task * ROWS_PER_TASK + i;
-                    let nib = &self.nibbles[r * half..(r + 1) * half];
-                    let scales = &self.scales[r * groups..(r + 1) * groups];
-                    let mins = &self.mins[r * groups..(r + 1) * groups];
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: the CPU has AVX2 and FMA (checked above);
-                        // the slices have the lengths the kernel reads.
-                        *yi = unsafe { x86::int4_row(nib, scales, mins, x, &sums, self.group) };
-                        continue;
-                    }
-                    let _ = avx2;
-                    *yi = int4_row_portable(nib, scales, mins, x, &sums, self.group);
+        let xq = QuantizedX::new(x);
+        let group_sums: Vec<f32> = xq
+            .sums
+            .chunks_exact(self.group / BLOCK)
+            .map(|g| g.iter().sum())
+            .collect();
+        let avx2 = has_avx2_fma_f16c();
+        let out = RowsOut::new(y);
+        Team::global().run(self.rows.div_ceil(ROWS_PER_TASK), &|task| {
+            for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(self.rows) {
+                let row = self.row(r);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked
+                    // above); `xq` covers the row's columns.
+                    out.set(r, unsafe { x86::int4_row(&row, &xq, &group_sums) });
+                    continue;
                 }
-            });
+                let _ = avx2;
+                out.set(r, row.dot_portable(&xq) + row.min_term(&group_sums));
+            }
+        });
     }
 
     fn dequantize_int4(&self) -> Vec<f32> {
-        let groups = self.cols / self.group;
-        let half = self.cols / 2;
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols)
             .enumerate()
-            .for_each(|(r, row)| {
-                let nib = &self.nibbles[r * half..(r + 1) * half];
-                for (b, (block_out, block)) in row
-                    .chunks_exact_mut(32)
-                    .zip(nib.chunks_exact(16))
-                    .enumerate()
+            .for_each(|(r, row_out)| {
+                for ((s, z, nibbles), out) in self
+                    .row(r)
+                    .groups()
+                    .zip(row_out.chunks_exact_mut(self.group))
                 {
-                    let g = r * groups + b * 32 / self.group;
-                    let (s, m) = (self.scales[g], self.mins[g]);
-                    for j in 0..16 {
-                        block_out[j] = s * f32::from(block[j] & 15) + m;
-                        block_out[j + 16] = s * f32::from(block[j] >> 4) + m;
+                    for (block_out, block) in
+                        out.chunks_exact_mut(BLOCK).zip(nibbles.chunks_exact(16))
+                    {
+                        for j in 0..16 {
+                            block_out[j] = s * (f32::from(block[j] & 15) - z);
+                            block_out[j + 16] = s * (f32::from(block[j] >> 4) - z);
+                        }
                     }
                 }
             });
@@ -129,26 +211,52 @@ impl Int4Matrix {
     }
 }
 
-fn int4_row_portable(
-    nib: &[u8],
-    scales: &[f32],
-    mins: &[f32],
-    x: &[f32],
-    sums: &[f32],
+/// One row of an [`Int4Matrix`].
+struct Int4Row<'a> {
+    data: &'a [u8],
     group: usize,
-) -> f32 {
-    let mut total = 0f32;
-    for (g, (&s, xg)) in scales.iter().zip(x.chunks_exact(group)).enumerate() {
-        let bytes = &nib[g * group / 2..(g + 1) * group / 2];
-        let mut acc = 0f32;
-        for (block, xb) in bytes.chunks_exact(16).zip(xg.chunks_exact(32)) {
-            for j in 0..16 {
-                acc += f32::from(block[j] & 15) * xb[j] + f32::from(block[j] >> 4) * xb[j + 16];
-            }
-        }
-        total += s * acc;
+}
+
+impl Int4Row<'_> {
+    /// Per group: scale, zero and nibbles.
+    fn groups(&self) -> impl Iterator<Item = (f32, f32, &[u8])> {
+        self.data.chunks_exact(HEADER + self.group / 2).map(|g| {
+            let s = f16::from_le_bytes([g[0], g[1]]).to_f32();
+            let z = f16::from_le_bytes([g[2], g[3]]).to_f32();
+            (s, z, &g[HEADER..])
+        })
     }
-    total + mins.iter().zip(sums).map(|(m, s)| m * s).sum::<f32>()
+
+    /// `Σ_g s_g·Σ_b d_b·(q·x_q)_b`: the `s·q` part of the product.
+    fn dot_portable(&self, x: &QuantizedX) -> f32 {
+        let mut total = 0f32;
+        let mut b = 0;
+        for (s, _, nibbles) in self.groups() {
+            let mut acc = 0f32;
+            for bytes in nibbles.chunks_exact(16) {
+                let xb = &x.q[b * BLOCK..(b + 1) * BLOCK];
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    isum += i32::from(bytes[j] & 15) * i32::from(xb[j])
+                        + i32::from(bytes[j] >> 4) * i32::from(xb[j + 16]);
+                }
+                acc += x.d[b] * isum as f32;
+                b += 1;
+            }
+            total += s * acc;
+        }
+        total
+    }
+
+    /// `−Σ_g s_g·z_g·Σ x_g` from the groups' sums of the quantized
+    /// activations: the zeros' part of the product.
+    fn min_term(&self, group_sums: &[f32]) -> f32 {
+        -self
+            .groups()
+            .zip(group_sums)
+            .map(|((s, z, _), sum)| s * z * sum)
+            .sum::<f32>()
+    }
 }
 
 /// An 8-bit matrix, one scale per row (symmetric): `w = s·q`.
@@ -175,29 +283,25 @@ impl Int8Matrix {
     fn gemv_int8(&self, x: &[f32], y: &mut [f32]) {
         assert_eq!(x.len(), self.cols);
         assert_eq!(y.len(), self.rows);
-        let avx2 = has_avx2_fma();
+        let xq = QuantizedX::new(x);
+        let avx2 = has_avx2_fma_f16c();
         let cols = self.cols;
-        y.par_chunks_mut(ROWS_PER_TASK * 4)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (i, yi) in out.iter_mut().enumerate() {
-                    let r = task * ROWS_PER_TASK * 4 + i;
-                    let row = &self.q[r * cols..(r + 1) * cols];
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: AVX2 and FMA checked above; equal lengths.
-                        *yi = self.scales[r] * unsafe { x86::int8_dot(row, x) };
-                        continue;
-                    }
-                    let _ = avx2;
-                    *yi = self.scales[r]
-                        * row
-                            .iter()
-                            .zip(x)
-                            .map(|(&q, &v)| f32::from(q) * v)
-                            .sum::<f32>();
+        let out = RowsOut::new(y);
+        let per_task = ROWS_PER_TASK * 4;
+        Team::global().run(self.rows.div_ceil(per_task), &|task| {
+            for r in task * per_task..((task + 1) * per_task).min(self.rows) {
+                let row = &self.q[r * cols..(r + 1) * cols];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 and FMA checked above; `xq` covers the
+                    // row's columns.
+                    out.set(r, self.scales[r] * unsafe { x86::int8_dot(row, &xq) });
+                    continue;
                 }
-            });
+                let _ = avx2;
+                out.set(r, self.scales[r] * int8_dot_portable(row, &xq));
+            }
+        });
     }
 
     fn dequantize_int8(&self) -> Vec<f32> {
@@ -212,6 +316,48 @@ impl Int8Matrix {
             });
         out
     }
+}
+
+/// The output vector of a product, written row by row from the team's
+/// threads: each row by exactly one of them.
+struct RowsOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: threads write disjoint rows (each chunk of rows once) while the
+// borrow of the output outlives `Team::run`.
+unsafe impl Sync for RowsOut {}
+
+impl RowsOut {
+    fn new(y: &mut [f32]) -> Self {
+        Self {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+        }
+    }
+
+    fn set(&self, row: usize, v: f32) {
+        assert!(row < self.len);
+        // SAFETY: in bounds; no other thread writes this row.
+        unsafe { self.ptr.add(row).write(v) }
+    }
+}
+
+/// `Σ_b d_b·(q·x_q)_b` over one int8 row.
+fn int8_dot_portable(row: &[i8], x: &QuantizedX) -> f32 {
+    row.chunks(BLOCK)
+        .zip(x.q.chunks_exact(BLOCK))
+        .zip(&x.d)
+        .map(|((w, xb), d)| {
+            let isum: i32 = w
+                .iter()
+                .zip(xb)
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
+            d * isum as f32
+        })
+        .sum()
 }
 
 /// A weight matrix the CPU kernels multiply with.
@@ -246,10 +392,12 @@ macro_rules! mat_vec {
 mat_vec!(Int4Matrix, gemv_int4, dequantize_int4);
 mat_vec!(Int8Matrix, gemv_int8, dequantize_int8);
 
-fn has_avx2_fma() -> bool {
+fn has_avx2_fma_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -259,7 +407,10 @@ fn has_avx2_fma() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::{Int4Row, QuantizedX, BLOCK, HEADER};
     use std::arch::x86_64::*;
+
+    const PREFETCH: usize = 1024;
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -269,71 +420,162 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// One row of an int4 product (see the module's layout).
+    /// One whole block of [`QuantizedX`] (as `quantize_block_portable`).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn int4_row(
-        nib: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        sums: &[f32],
-        group: usize,
-    ) -> f32 {
-        debug_assert_eq!(nib.len() * 2, x.len());
-        debug_assert_eq!(scales.len() * group, x.len());
-        let mask = _mm_set1_epi8(0x0F);
-        let blocks = group / 32;
-        let mut total = _mm256_setzero_ps();
-        let mut np = nib.as_ptr();
-        let mut xp = x.as_ptr();
-        for &s in scales {
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
-            for _ in 0..blocks {
-                let v = _mm_loadu_si128(np.cast());
-                let lo = _mm_and_si128(v, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-                let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                let q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                let q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-                a0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xp), a0);
-                a1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xp.add(8)), a1);
-                a0 = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xp.add(16)), a0);
-                a1 = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xp.add(24)), a1);
-                np = np.add(16);
-                xp = xp.add(32);
-            }
-            total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s), total);
-        }
-        let mut m = 0f32;
-        for (a, b) in mins.iter().zip(sums) {
-            m += a * b;
-        }
-        hsum(total) + m
+    pub unsafe fn quantize_block(x: &[f32], out: &mut QuantizedX, b: usize) {
+        debug_assert!(x.len() >= BLOCK && out.q.len() >= (b + 1) * BLOCK);
+        let p = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| {
+            _mm256_max_ps(m, _mm256_and_ps(v, abs_mask))
+        });
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale > 0.0 { 127.0 / amax } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v[k], inv)))
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let isum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
+        // Pack to bytes: packs interleave 128-bit lanes, the permute undoes it.
+        let w = _mm256_packs_epi32(i[0], i[1]);
+        let z = _mm256_packs_epi32(i[2], i[3]);
+        let bytes = _mm256_packs_epi16(w, z);
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(out.q.as_mut_ptr().add(b * BLOCK).cast(), bytes);
+        out.d[b] = scale;
+        out.sums[b] = scale * isum as f32;
     }
 
-    /// Σ q·x over one int8 row.
+    /// The 32 integers of one int4 block (16 bytes) in column order.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn int8_dot(q: &[i8], x: &[f32]) -> f32 {
-        debug_assert_eq!(q.len(), x.len());
-        let n = q.len() / 16 * 16;
-        let mut a0 = _mm256_setzero_ps();
-        let mut a1 = _mm256_setzero_ps();
-        let mut i = 0;
-        while i < n {
-            let v = _mm_loadu_si128(q.as_ptr().add(i).cast());
-            let f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-            let f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
-            a0 = _mm256_fmadd_ps(f0, _mm256_loadu_ps(x.as_ptr().add(i)), a0);
-            a1 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), a1);
-            i += 16;
+    unsafe fn unpack(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p.cast());
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Eight i32 partial sums of `a·b` for 32 unsigned `a` (≤ 255, with
+    /// `|a·b|·2 < 2¹⁵`: no saturation) and 32 signed `b`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_u8_i8(a: __m256i, b: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(a, b);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// One int4 row's product (see [`Int4Row`]) with the activations'
+    /// blocks and their sums per group. Two
+    /// blocks per iteration into two accumulators, so consecutive blocks do
+    /// not wait on each other's FMA; block `b` sits in group `b >> shift`
+    /// (groups are powers of two), the data `PREFETCH` bytes ahead is
+    /// requested early (the hardware prefetcher alone left half the memory
+    /// bandwidth unused).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn int4_row(row: &Int4Row, x: &QuantizedX, group_sums: &[f32]) -> f32 {
+        let per_group = row.group / BLOCK;
+        let stride = HEADER + row.group / 2;
+        let blocks = row.data.len() / stride * per_group;
+        debug_assert!(x.d.len() >= blocks);
+        let shift = per_group.trailing_zeros();
+        let (base, xp, dp) = (row.data.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        // A macro, not a closure: closures do not inherit the function's
+        // target features, so their intrinsics would not be inlined.
+        macro_rules! block {
+            ($b:expr) => {{
+                let b = $b;
+                let group = base.add((b >> shift) * stride);
+                let at = group.add(HEADER + (b & (per_group - 1)) * 16);
+                _mm_prefetch::<_MM_HINT_T0>(at.add(PREFETCH).cast());
+                // Scale and zero in one 32-bit load (`vmovd`, which clears
+                // the register: a 16-bit insert would merge into whatever
+                // register the compiler picks, here the accumulator, and
+                // chain every block to the previous block's FMA).
+                let sz = _mm_cvtph_ps(_mm_loadu_si32(group));
+                let k = _mm256_broadcastss_ps(_mm_mul_ss(sz, _mm_load_ss(dp.add(b))));
+                let p = dot_u8_i8(unpack(at), _mm256_loadu_si256(xp.add(b * BLOCK).cast()));
+                (p, k)
+            }};
         }
-        let mut tail = 0f32;
-        for j in n..q.len() {
-            tail += f32::from(q[j]) * x[j];
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        while b + 1 < blocks {
+            let (p0, k0) = block!(b);
+            let (p1, k1) = block!(b + 1);
+            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
+            acc1 = _mm256_fmadd_ps(p1, k1, acc1);
+            b += 2;
         }
-        hsum(_mm256_add_ps(a0, a1)) + tail
+        if b < blocks {
+            let (p0, k0) = block!(b);
+            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
+        }
+        // The zeros' part, −Σ_g s_g·z_g·Σ x_g (headers are in L1 by now).
+        let mut zeros = 0f32;
+        for (g, sum) in group_sums.iter().enumerate() {
+            let header = base.add(g * stride).cast::<i32>().read_unaligned();
+            let sz = _mm_cvtph_ps(_mm_cvtsi32_si128(header));
+            let (s, z) = (_mm_cvtss_f32(sz), _mm_cvtss_f32(_mm_movehdup_ps(sz)));
+            zeros += s * z * sum;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) - zeros
+    }
+
+    /// `Σ_b d_b·(q·x_q)_b` over one int8 row: `maddubs` needs an unsigned
+    /// operand, so `|q|` times `x` with `q`'s sign (`|q| ≤ 128`, `|x| ≤ 127`).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn int8_dot(row: &[i8], x: &QuantizedX) -> f32 {
+        let full = row.len() / BLOCK;
+        let (wp, xp, dp) = (row.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        macro_rules! block {
+            ($b:expr) => {{
+                let b = $b;
+                let w = _mm256_loadu_si256(wp.add(b * BLOCK).cast());
+                let v = _mm256_loadu_si256(xp.add(b * BLOCK).cast());
+                let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
+                (p, _mm256_set1_ps(*dp.add(b)))
+            }};
+        }
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        while b + 1 < full {
+            let (p0, k0) = block!(b);
+            let (p1, k1) = block!(b + 1);
+            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
+            acc1 = _mm256_fmadd_ps(p1, k1, acc1);
+            b += 2;
+        }
+        if b < full {
+            let (p0, k0) = block!(b);
+            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
+        }
+        let tail: i32 = row[full * BLOCK..]
+            .iter()
+            .zip(&x.q[full * BLOCK..])
+            .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            .sum();
+        let tail = if full * BLOCK < row.len() {
+            x.d[full] * tail as f32
+        } else {
+            0.0
+        };
+        hsum(_mm256_add_ps(acc0, acc1)) + tail
     }
 }
 
@@ -352,16 +594,58 @@ mod tests {
         }
     }
 
-    /// Exact (f64) products and, per row, the tolerance of an f32
-    /// accumulation: 1e-5 of Σ|w·x|.
-    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<(f64, f64)> {
-        (0..rows)
-            .map(|r| {
-                let terms = (0..cols).map(|c| f64::from(w[r * cols + c]) * f64::from(x[c]));
-                let mag: f64 = terms.clone().map(f64::abs).sum();
-                (terms.sum(), 1e-5 * mag + 1e-6)
-            })
-            .collect()
+    /// The activations as the kernels see them, `x̂ = d·q`, checked against
+    /// `x`: within half a step of each block's scale.
+    fn dequantized_x(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let xq = QuantizedX::new(x);
+        let x_hat: Vec<f32> = (0..x.len())
+            .map(|j| xq.d[j / BLOCK] * f32::from(xq.q[j]))
+            .collect();
+        for (j, (a, b)) in x.iter().zip(&x_hat).enumerate() {
+            let d = xq.d[j / BLOCK];
+            assert!(
+                (a - b).abs() <= d / 2.0 * (1.0 + 1e-6),
+                "x[{j}] {a} vs {b} (d {d})"
+            );
+        }
+        (x_hat, xq.d)
+    }
+
+    /// Per row: the exact (f64) product with `x̂`, the f32 rounding allowed
+    /// around it (1e-5 of `mag`, the row's Σ|terms| as the kernel adds them),
+    /// and the exact product with `x` and its allowance (the module's bound
+    /// `Σ_b d_b/2·Σ_{j∈b}|w_j|` on top of the rounding).
+    fn check(y: &[f32], w: &[f32], x: &[f32], mag: impl Fn(usize, &[f32]) -> f64) {
+        let cols = x.len();
+        let (x_hat, d) = dequantized_x(x);
+        for (r, &yr) in y.iter().enumerate() {
+            let row = &w[r * cols..(r + 1) * cols];
+            let dot = |v: &[f32]| -> f64 {
+                row.iter()
+                    .zip(v)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum()
+            };
+            let rounding = 1e-6 + 1e-5 * mag(r, &x_hat);
+            let got = f64::from(yr);
+            assert!(
+                (got - dot(&x_hat)).abs() <= rounding,
+                "row {r}: {got} vs {}",
+                dot(&x_hat)
+            );
+            let bound: f64 = row
+                .chunks(BLOCK)
+                .zip(&d)
+                .map(|(wb, &db)| {
+                    f64::from(db) / 2.0 * wb.iter().map(|v| f64::from(v.abs())).sum::<f64>()
+                })
+                .sum();
+            assert!(
+                (got - dot(x)).abs() <= rounding + bound,
+                "row {r}: {got} vs {}",
+                dot(x)
+            );
+        }
     }
 
     #[test]
@@ -370,8 +654,9 @@ mod tests {
             let mut next = stream(rows as u64 * 7919 + cols as u64);
             let groups = cols / group;
             let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+            // f16 values, as checkpoints store them.
             let scales: Vec<f32> = (0..rows * groups)
-                .map(|_| (next() % 1000) as f32 / 7000.0 + 0.01)
+                .map(|_| f16::from_f32((next() % 1000) as f32 / 7000.0 + 0.01).to_f32())
                 .collect();
             let zeros: Vec<f32> = (0..rows * groups).map(|_| (next() % 16) as f32).collect();
             let x: Vec<f32> = (0..cols)
@@ -390,42 +675,39 @@ mod tests {
             }
             let mut y = vec![0f32; rows];
             m.gemv(&x, &mut y);
-            let sums: Vec<f32> = x.chunks_exact(group).map(|g| g.iter().sum()).collect();
-            let half = cols / 2;
+            // The same product by the portable code (the kernel when the CPU
+            // has no AVX2).
+            let xq = QuantizedX::new(&x);
+            let group_sums: Vec<f32> = xq
+                .sums
+                .chunks(group / BLOCK)
+                .map(|g| g.iter().sum())
+                .collect();
             let y_portable: Vec<f32> = (0..rows)
                 .map(|r| {
-                    int4_row_portable(
-                        &m.nibbles[r * half..(r + 1) * half],
-                        &m.scales[r * groups..(r + 1) * groups],
-                        &m.mins[r * groups..(r + 1) * groups],
-                        &x,
-                        &sums,
-                        group,
-                    )
+                    let row = m.row(r);
+                    row.dot_portable(&xq) + row.min_term(&group_sums)
                 })
                 .collect();
             // The kernel sums s·q·x and −s·z·x separately: its rounding is
             // relative to those terms, not to their (smaller) difference.
-            let want = reference(&w, &x, rows, cols);
-            for (r, ((a, b), (c, _))) in y.iter().zip(&y_portable).zip(want).enumerate() {
-                let tol = 1e-6
-                    + 1e-5
-                        * (0..cols)
-                            .map(|c| {
-                                let g = r * groups + c / group;
-                                f64::from(scales[g] * (f32::from(q[r * cols + c]) + zeros[g]))
-                                    * f64::from(x[c].abs())
-                            })
-                            .sum::<f64>();
-                assert!((f64::from(*a) - c).abs() <= tol, "{a} vs {c}");
-                assert!((f64::from(*b) - c).abs() <= tol, "{b} vs {c}");
-            }
+            let mag = |r: usize, x: &[f32]| -> f64 {
+                (0..cols)
+                    .map(|c| {
+                        let g = r * groups + c / group;
+                        f64::from(scales[g] * (f32::from(q[r * cols + c]) + zeros[g]))
+                            * f64::from(x[c].abs())
+                    })
+                    .sum()
+            };
+            check(&y, &w, &x, mag);
+            check(&y_portable, &w, &x, mag);
         }
     }
 
     #[test]
     fn int8_gemv_and_dequantize_match_the_definition() {
-        for (rows, cols) in [(300, 96), (7, 40)] {
+        for (rows, cols) in [(300, 96), (7, 40), (130, 896)] {
             let mut next = stream(cols as u64);
             let q: Vec<i8> = (0..rows * cols).map(|_| (next() % 255) as i8).collect();
             let scales: Vec<f32> = (0..rows).map(|_| (next() % 100) as f32 / 3000.0).collect();
@@ -439,9 +721,49 @@ mod tests {
             assert_eq!(m.dequantize(), w);
             let mut y = vec![0f32; rows];
             m.gemv(&x, &mut y);
-            for (a, (c, tol)) in y.iter().zip(reference(&w, &x, rows, cols)) {
-                assert!((f64::from(*a) - c).abs() <= tol, "{a} vs {c}");
-            }
+            let xq = QuantizedX::new(&x);
+            let y_portable: Vec<f32> = (0..rows)
+                .map(|r| m.scales[r] * int8_dot_portable(&m.q[r * cols..(r + 1) * cols], &xq))
+                .collect();
+            let mag = |r: usize, x: &[f32]| -> f64 {
+                (0..cols)
+                    .map(|c| f64::from(w[r * cols + c].abs()) * f64::from(x[c].abs()))
+                    .sum()
+            };
+            check(&y, &w, &x, mag);
+            check(&y_portable, &w, &x, mag);
         }
+    }
+
+    #[test]
+    fn activation_blocks_of_zeros_and_extremes() {
+        let mut x = vec![0f32; 70];
+        x[33] = -3.5;
+        x[69] = 1e-30;
+        let xq = QuantizedX::new(&x);
+        assert_eq!(xq.d[0], 0.0);
+        assert_eq!(xq.q[33], -127);
+        assert_eq!(xq.q[69], 127);
+        assert_eq!(xq.q.len(), 96);
+        assert!(xq.q[70..].iter().all(|&v| v == 0));
+
+        // The vectorised quantizer rounds exactly as the portable one.
+        let mut next = stream(5);
+        let x: Vec<f32> = (0..4864)
+            .map(|i| {
+                ((next() % 20001) as f32 / 1000.0 - 10.0) * if i % 97 == 0 { 50.0 } else { 1.0 }
+            })
+            .collect();
+        let fast = QuantizedX::new(&x);
+        let mut portable = QuantizedX::new(&x[..0]);
+        portable.q = vec![0; x.len()];
+        portable.d = vec![0.0; x.len() / BLOCK];
+        portable.sums = vec![0.0; x.len() / BLOCK];
+        for b in 0..x.len() / BLOCK {
+            portable.quantize_block_portable(&x[b * BLOCK..], b);
+        }
+        assert_eq!(fast.q, portable.q);
+        assert_eq!(fast.d, portable.d);
+        assert_eq!(fast.sums, portable.sums);
     }
 }

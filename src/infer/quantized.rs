@@ -1,8 +1,9 @@
 //! The fast path for quantized checkpoints: linear layers that keep their
 //! weights as integers, so decoding never materialises a dequantized weight.
 //!
-//! * CPU: qcoder's own matrix–vector kernels (`cpu_kernels`: AVX2+FMA, rayon
-//!   over rows) for 4-bit groups and the 8-bit output head; inputs of many
+//! * CPU: qcoder's own matrix–vector kernels (`cpu_kernels`: int8 activations,
+//!   AVX2 `maddubs`, rows split across a spinning thread team, `team`) for
+//!   4-bit groups and the 8-bit output head; inputs of many
 //!   rows (a prompt, a perplexity window) run a dense product of the layer's
 //!   weight dequantized on the fly, one layer at a time.
 //! * CUDA: libtorch's `_weight_int4pack_mm` on the layout
