@@ -457,8 +457,24 @@ mod tests {
         }
     }
 
-    /// The kernel computes with exactly the dequantized weights (f32), on a
-    /// few rows (the int4 kernel) and on many (the dense prefill path).
+    /// Per (row, output): how far the CPU kernels may be from `x·wᵀ` on a
+    /// few rows, where they multiply with `x` rounded to int8 per block of
+    /// 32 columns: half a step `max|x_b|/127` per element, times `Σ|w|` over
+    /// the block; plus f32 rounding.
+    fn activation_rounding_bound(x: &Tensor, w: &Tensor) -> Tensor {
+        let (rows, cols) = x.size2().unwrap();
+        let out = w.size()[0];
+        let steps = x.view([rows, cols / 32, 32]).abs().amax(2, false) / 127.0;
+        let w_abs = w
+            .abs()
+            .view([out, cols / 32, 32])
+            .sum_dim_intlist(2, false, Kind::Float);
+        (steps / 2.0).matmul(&w_abs.transpose(0, 1)) + 1e-4
+    }
+
+    /// The kernel computes with exactly the dequantized weights (f32): on
+    /// many rows (the dense prefill path) to f32 rounding, on a few (the
+    /// int4 kernel, int8 activations) within the activations' rounding.
     #[test]
     fn int4_matches_the_dequantized_weight() {
         let opts = (Kind::Float, Device::Cpu);
@@ -475,13 +491,25 @@ mod tests {
                 let reference = x.matmul(&q.dequantize().transpose(0, 1));
                 let got = layer.forward(&x.view([1, rows, 128]));
                 assert_eq!(got.size(), vec![1, rows, 48]);
-                let diff = (got.view([rows, 48]) - &reference)
-                    .abs()
-                    .max()
-                    .double_value(&[]);
+                let err = (got.view([rows, 48]) - &reference).abs();
+                let excess = if rows < PREFILL_ROWS {
+                    // Act-order permutes the columns before the blocks form.
+                    let x = match &layer.perm {
+                        Some(perm) => x.index_select(1, perm),
+                        None => x.shallow_clone(),
+                    };
+                    let w = match &layer.perm {
+                        Some(perm) => q.dequantize().index_select(1, perm),
+                        None => q.dequantize(),
+                    };
+                    err - activation_rounding_bound(&x, &w)
+                } else {
+                    err - 1e-4
+                };
+                let excess = excess.max().double_value(&[]);
                 assert!(
-                    diff < 1e-4,
-                    "max |Δ| {diff} ({rows} rows, act-order: {})",
+                    excess <= 0.0,
+                    "|Δ| beyond the bound by {excess} ({rows} rows, act-order: {})",
                     !q.has_trivial_g_idx()
                 );
             }
@@ -516,13 +544,22 @@ mod tests {
             let x = Tensor::randn([rows, 32], (Kind::Float, Device::Cpu));
             let exact = x.matmul(&layer.dequantized().transpose(0, 1));
             let got = layer.forward(&x);
-            assert!(
-                (&got - &exact).abs().max().double_value(&[]) < 1e-4,
-                "{rows} rows"
-            );
+            let bound = if rows < PREFILL_ROWS {
+                activation_rounding_bound(&x, &layer.dequantized())
+            } else {
+                Tensor::from(1e-4)
+            };
+            let excess = ((&got - &exact).abs() - bound).max().double_value(&[]);
+            assert!(excess <= 0.0, "{rows} rows: beyond the bound by {excess}");
             let dense = x.matmul(&w.transpose(0, 1));
             let rel = ((&got - &dense).norm().double_value(&[])) / dense.norm().double_value(&[]);
-            assert!(rel < 0.01, "int8 head relative error {rel}");
+            // Rounding Gaussian weights to int8 per row costs ~0.5% RMS
+            // (a step of ~2.1σ/127, error uniform within it); on a few rows
+            // the activations' int8 blocks add as much again (~0.7% in all,
+            // measured 0.74–0.83%), on many rows only the weights count
+            // (measured 0.48–0.55%).
+            let limit = if rows < PREFILL_ROWS { 0.015 } else { 0.01 };
+            assert!(rel < limit, "int8 head relative error {rel} ({rows} rows)");
         }
     }
 }
