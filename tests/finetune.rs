@@ -37,6 +37,17 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn one_adamw_step_matches_peft() {
+    adamw_steps_match_peft(false);
+}
+
+/// The same reference with gradient checkpointing: recomputing each layer
+/// in the backward pass must give PEFT's gradients and steps too.
+#[test]
+fn gradient_checkpointing_matches_peft() {
+    adamw_steps_match_peft(true);
+}
+
+fn adamw_steps_match_peft(checkpointing: bool) {
     let dir = root().join("tests/fixtures/lora");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -75,10 +86,18 @@ fn one_adamw_step_matches_peft() {
 
     // Gradients of step 1 (before clipping) and the loss.
     let batch1 = ids("batch1");
-    let hidden = model.forward_hidden(&batch1, None).unwrap();
     let n = (batch1.size()[0] * (batch1.size()[1] - 1)) as f64;
-    let (sum, _) =
-        loss::next_token_loss(model.lm_head.as_ref(), &hidden, &batch1, Some(1.0 / n), 7).unwrap();
+    let head = |hidden: &Tensor| {
+        loss::next_token_loss(model.lm_head.as_ref(), hidden, &batch1, Some(1.0 / n), 7)
+            .map(|(sum, _)| sum)
+    };
+    let sum = if checkpointing {
+        model
+            .checkpointed_backward(&batch1, &|_| {}, &mut |h| Ok(head(h)?))
+            .unwrap()
+    } else {
+        head(&model.forward_hidden(&batch1, None).unwrap()).unwrap()
+    };
     let want_loss = meta["losses"][0].as_f64().unwrap();
     assert!(
         (sum / n - want_loss).abs() < 1e-5,
@@ -113,6 +132,7 @@ fn one_adamw_step_matches_peft() {
         },
         max_grad_norm: 0.0,
         seed: 0,
+        gradient_checkpointing: checkpointing,
     };
     let mut worst_param: f64 = 0.0;
     for (step, batch) in ["batch1", "batch2"].iter().enumerate() {
@@ -307,9 +327,20 @@ fn trained_adapter_loads_in_peft_and_merges_like_peft() {
 
 #[test]
 fn resumed_run_repeats_the_uninterrupted_one() {
+    resume_repeats_the_uninterrupted_run("max_steps = 7");
+}
+
+/// With gradient checkpointing and LoRA dropout: both forwards of a layer
+/// draw their masks from seeds of (step, micro batch, layer), so a resumed
+/// run still repeats the uninterrupted one exactly.
+#[test]
+fn checkpointed_run_with_dropout_resumes_exactly() {
+    resume_repeats_the_uninterrupted_run("max_steps = 7\ngradient_checkpointing = true");
+}
+
+fn resume_repeats_the_uninterrupted_run(extra_train: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path());
-    let extra_train = "max_steps = 7";
     let extra_lora = "dropout = 0.1";
     let checkpoints = "\n[checkpoint]\nevery = 2\nkeep_last = 2\n";
     for out in ["full", "split"] {
@@ -339,6 +370,12 @@ fn resumed_run_repeats_the_uninterrupted_one() {
     assert_eq!(again.status.code(), Some(2), "{}", show(&again));
     assert!(
         String::from_utf8_lossy(&stopped.stderr).contains("1 repository-level samples"),
+        "{}",
+        show(&stopped)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&stopped.stderr).contains("; gradient checkpointing"),
+        extra_train.contains("gradient_checkpointing = true"),
         "{}",
         show(&stopped)
     );

@@ -59,6 +59,7 @@ schedule = "constant"
 max_steps = {args.steps}
 micro_batch = 1
 grad_accum = 1
+gradient_checkpointing = {"true" if args.grad_ckpt else "false"}
 [eval]
 max_batches = 1
 [output]
@@ -89,6 +90,11 @@ def peft_worker(args):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    if args.grad_ckpt:
+        # transformers' own checkpointing (non-reentrant, as it recommends);
+        # PEFT needs the embedding output to require grad for it.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
     model.train()
@@ -116,6 +122,8 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--peft-worker", action="store_true")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="gradient checkpointing on both sides")
     args = ap.parse_args()
     if args.peft_worker:
         return peft_worker(args)
@@ -124,9 +132,10 @@ def main():
     q_tps, q_mb, first, last = qcoder_side(args, args.model)
     out, _ = run_measured([sys.executable, __file__, "--peft-worker", "--model", args.model, "--steps",
                            str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype,
-                           "--seq", str(args.seq)])
+                           "--seq", str(args.seq)] + (["--grad-ckpt"] if args.grad_ckpt else []))
     p = json.loads(out.strip().splitlines()[-1])
-    print(f"model {args.model}, {args.dtype}, seq {args.seq}, r 16 all-linear, micro batch 1, "
+    ckpt = ", gradient checkpointing" if args.grad_ckpt else ""
+    print(f"model {args.model}, {args.dtype}, seq {args.seq}{ckpt}, r 16 all-linear, micro batch 1, "
           f"{args.threads} threads, {args.steps} steps (median of steps 2..)")
     print(f"{'':10} {'tokens/s':>10} {'peak RSS MB':>12}")
     print(f"{'qcoder':10} {q_tps:10.1f} {q_mb:12.0f}")

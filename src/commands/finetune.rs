@@ -206,13 +206,18 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         },
     );
     eprintln!(
-        "lora: r {} alpha {} on {} modules, {} trainable parameters; {} optimizer steps of {} sequences (warmup {warmup})",
+        "lora: r {} alpha {} on {} modules, {} trainable parameters; {} optimizer steps of {} sequences (warmup {warmup}){}",
         lora.r,
         lora.alpha,
         adapter.modules.len(),
         adapter.n_params(),
         total_steps,
         per_step,
+        if t.gradient_checkpointing {
+            "; gradient checkpointing"
+        } else {
+            ""
+        },
     );
     let mut trainer = Trainer {
         adapter,
@@ -225,6 +230,7 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         },
         max_grad_norm: t.max_grad_norm,
         seed,
+        gradient_checkpointing: t.gradient_checkpointing,
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let metrics_path = out.join(METRICS);

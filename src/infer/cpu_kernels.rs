@@ -412,6 +412,30 @@ mod x86 {
 
     const PREFETCH: usize = 1024;
 
+    /// `Σ_b p_b·k_b` (a vector) over blocks `0..n`, where `$block!(b)` gives
+    /// `(p_b, k_b)`: two blocks per iteration into two accumulators, so
+    /// consecutive blocks do not wait on each other's FMA. (A macro, as the
+    /// blocks' macros are: closures would not inherit the target features.)
+    macro_rules! sum_blocks {
+        ($n:expr, $block:ident) => {{
+            let n = $n;
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut b = 0;
+            while b + 1 < n {
+                let (p0, k0) = $block!(b);
+                let (p1, k1) = $block!(b + 1);
+                acc0 = _mm256_fmadd_ps(p0, k0, acc0);
+                acc1 = _mm256_fmadd_ps(p1, k1, acc1);
+                b += 2;
+            }
+            if b < n {
+                let (p0, k0) = $block!(b);
+                acc0 = _mm256_fmadd_ps(p0, k0, acc0);
+            }
+            _mm256_add_ps(acc0, acc1)
+        }};
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -481,9 +505,7 @@ mod x86 {
     }
 
     /// One int4 row's product (see [`Int4Row`]) with the activations'
-    /// blocks and their sums per group. Two
-    /// blocks per iteration into two accumulators, so consecutive blocks do
-    /// not wait on each other's FMA; block `b` sits in group `b >> shift`
+    /// blocks and their sums per group. Block `b` sits in group `b >> shift`
     /// (groups are powers of two), the data `PREFETCH` bytes ahead is
     /// requested early (the hardware prefetcher alone left half the memory
     /// bandwidth unused).
@@ -513,19 +535,7 @@ mod x86 {
                 (p, k)
             }};
         }
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut b = 0;
-        while b + 1 < blocks {
-            let (p0, k0) = block!(b);
-            let (p1, k1) = block!(b + 1);
-            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
-            acc1 = _mm256_fmadd_ps(p1, k1, acc1);
-            b += 2;
-        }
-        if b < blocks {
-            let (p0, k0) = block!(b);
-            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
-        }
+        let acc = sum_blocks!(blocks, block);
         // The zeros' part, −Σ_g s_g·z_g·Σ x_g (headers are in L1 by now).
         let mut zeros = 0f32;
         for (g, sum) in group_sums.iter().enumerate() {
@@ -534,7 +544,7 @@ mod x86 {
             let (s, z) = (_mm_cvtss_f32(sz), _mm_cvtss_f32(_mm_movehdup_ps(sz)));
             zeros += s * z * sum;
         }
-        hsum(_mm256_add_ps(acc0, acc1)) - zeros
+        hsum(acc) - zeros
     }
 
     /// `Σ_b d_b·(q·x_q)_b` over one int8 row: `maddubs` needs an unsigned
@@ -552,19 +562,7 @@ mod x86 {
                 (p, _mm256_set1_ps(*dp.add(b)))
             }};
         }
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut b = 0;
-        while b + 1 < full {
-            let (p0, k0) = block!(b);
-            let (p1, k1) = block!(b + 1);
-            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
-            acc1 = _mm256_fmadd_ps(p1, k1, acc1);
-            b += 2;
-        }
-        if b < full {
-            let (p0, k0) = block!(b);
-            acc0 = _mm256_fmadd_ps(p0, k0, acc0);
-        }
+        let acc = sum_blocks!(full, block);
         let tail: i32 = row[full * BLOCK..]
             .iter()
             .zip(&x.q[full * BLOCK..])
@@ -575,7 +573,7 @@ mod x86 {
         } else {
             0.0
         };
-        hsum(_mm256_add_ps(acc0, acc1)) + tail
+        hsum(acc) + tail
     }
 }
 

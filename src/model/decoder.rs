@@ -868,6 +868,72 @@ impl CausalLm {
         Ok(self.norm.forward(&x))
     }
 
+    /// A training pass with gradient checkpointing: the layers run once
+    /// without autograd, keeping only each layer's input; `head` computes
+    /// the loss from the final hidden states (after the norm) and
+    /// backpropagates into them; then, from the last layer down, each layer
+    /// runs again with autograd on its saved input and its gradient is
+    /// pushed through it (`Σ out ⊙ ∂L/∂out`, whose backward accumulates the
+    /// trainable parameters' gradients and yields ∂L/∂input). Activation
+    /// memory is one layer's instead of all of them, for one extra forward
+    /// of the layers. `reseed(i)` runs before both forwards of layer `i`, so
+    /// that dropout draws the same masks in both. Returns what `head`
+    /// returns.
+    pub fn checkpointed_backward<T>(
+        &self,
+        input_ids: &Tensor,
+        reseed: &dyn Fn(usize),
+        head: &mut dyn FnMut(&Tensor) -> Result<T, ModelError>,
+    ) -> Result<T, ModelError> {
+        let (b, s) = input_ids.size2()?;
+        if s as usize > self.max_positions() {
+            return Err(ModelError::TooLong {
+                what: "the sequence",
+                len: s as usize,
+                max: self.max_positions(),
+            });
+        }
+        let ids = input_ids.to_device(self.opts.device);
+        let ctx = self.positional.context(b, s, 0);
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let last = tch::no_grad(|| -> Result<Tensor, ModelError> {
+            let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                reseed(i);
+                let next = layer.forward(&x, &ctx, None);
+                inputs.push(x);
+                x = next;
+            }
+            Ok(x)
+        })?;
+        let last = last.detach().set_requires_grad(true);
+        let out = head(&self.norm.forward(&last))?;
+        let mut grad = last.grad();
+        if !grad.defined() {
+            return Ok(out); // nothing trainable behind the head's input
+        }
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let x = inputs.pop().expect("one input per layer");
+            let x = x.set_requires_grad(i > 0);
+            reseed(i);
+            let y = layer.forward(&x, &ctx, None);
+            if y.requires_grad() {
+                let kind = match y.kind() {
+                    Kind::Double => Kind::Double,
+                    _ => Kind::Float,
+                };
+                (y * &grad).f_sum(kind)?.f_backward()?;
+            }
+            if i > 0 {
+                grad = x.grad();
+                if !grad.defined() {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Logits (batch, seq, vocab) in the model's dtype.
     pub fn forward(
         &self,

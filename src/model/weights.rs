@@ -49,6 +49,30 @@ impl MappedFile {
         })
     }
 
+    /// Drops this process's mapping of `bytes` (a slice of this file) once
+    /// they have been copied: the pages stay in the page cache, but no
+    /// longer count in this process's memory, so loading a model peaks at
+    /// its tensors' size instead of twice that. Re-reading them maps the
+    /// pages again (the mapping is read-only and backed by the file).
+    fn release(&self, bytes: &[u8]) {
+        let base = self.mmap.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        if bytes.is_empty() || start < base || start + bytes.len() > base + self.mmap.len() {
+            return;
+        }
+        #[cfg(unix)]
+        // SAFETY: no reference into the range is used after this call (the
+        // caller copied the bytes out); a later read of the range faults the
+        // file's pages in again. Advice only: failure changes nothing.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start - base,
+                bytes.len(),
+            );
+        }
+    }
+
     fn bytes(&self, info: &TensorInfo) -> &[u8] {
         let (start, end) = info.data_offsets;
         // `read_metadata` validated that the offsets tile the data section.
@@ -257,7 +281,9 @@ impl Checkpoint {
                 got: shape,
             });
         }
-        self.load_bytes(&meta, bytes, kind, device)
+        let t = self.load_bytes(&meta, bytes, kind, device)?;
+        self.release(name, bytes);
+        Ok(t)
     }
 
     /// Loads a tensor whatever its shape.
@@ -268,7 +294,16 @@ impl Checkpoint {
         device: Device,
     ) -> Result<Tensor, ModelError> {
         let (meta, bytes) = self.raw(name)?;
-        self.load_bytes(&meta, bytes, kind, device)
+        let t = self.load_bytes(&meta, bytes, kind, device)?;
+        self.release(name, bytes);
+        Ok(t)
+    }
+
+    /// See [`MappedFile::release`]: after a tensor's bytes were copied.
+    fn release(&self, name: &str, bytes: &[u8]) {
+        if let Some(&i) = self.names.get(name) {
+            self.files[i].release(bytes);
+        }
     }
 
     fn load_bytes(

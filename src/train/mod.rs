@@ -63,6 +63,19 @@ pub struct Trainer {
     pub schedule: LrSchedule,
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them (see `CausalLm::checkpointed_backward`).
+    pub gradient_checkpointing: bool,
+}
+
+/// The libtorch seed of decoder layer `layer` of micro-batch `micro` in a
+/// step seeded `step_seed`, with gradient checkpointing: both forwards of a
+/// layer draw the same dropout masks.
+fn layer_seed(step_seed: i64, micro: usize, layer: usize) -> i64 {
+    let mixed = (step_seed as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((micro as u64) << 20 | layer as u64);
+    (mixed & (i64::MAX as u64)) as i64
 }
 
 impl Trainer {
@@ -85,16 +98,27 @@ impl Trainer {
             .sum();
         let scale = 1.0 / tokens as f64;
         let mut total = 0.0;
-        for ids in micro_batches {
-            let hidden = model.forward_hidden(ids, None)?;
-            let (sum, _) = loss::next_token_loss(
-                model.lm_head.as_ref(),
-                &hidden,
-                ids,
-                Some(scale),
-                loss::CHUNK_TOKENS,
-            )?;
-            total += sum;
+        let seed = step_seed(self.seed, step);
+        for (micro, ids) in micro_batches.iter().enumerate() {
+            let head_loss = |hidden: &Tensor| {
+                loss::next_token_loss(
+                    model.lm_head.as_ref(),
+                    hidden,
+                    ids,
+                    Some(scale),
+                    loss::CHUNK_TOKENS,
+                )
+                .map(|(sum, _)| sum)
+            };
+            total += if self.gradient_checkpointing {
+                model.checkpointed_backward(
+                    ids,
+                    &|layer| tch::manual_seed(layer_seed(seed, micro, layer)),
+                    &mut |hidden| Ok(head_loss(hidden)?),
+                )?
+            } else {
+                head_loss(&model.forward_hidden(ids, None)?)?
+            };
         }
         let loss = total / tokens as f64;
         if !loss.is_finite() {

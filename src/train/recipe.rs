@@ -187,6 +187,11 @@ pub struct TrainSection {
     /// Print a line (and a metrics row) every N optimizer steps.
     #[serde(default = "default_one")]
     pub log_every: usize,
+    /// Recompute each decoder layer's activations during the backward pass
+    /// instead of keeping them: activation memory of one layer instead of
+    /// all, for one more forward pass of the layers.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_lr() -> f64 {
@@ -231,6 +236,7 @@ impl Default for TrainSection {
             eps: default_eps(),
             seed: default_seed(),
             log_every: 1,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -349,6 +355,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "eps",
             "seed",
             "log_every",
+            "gradient_checkpointing",
         ],
     ),
     ("eval", &["every", "max_batches"]),
