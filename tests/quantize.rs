@@ -344,11 +344,11 @@ fn fast_int4_path_matches_the_dequantized_reference() {
         // with the activations rounded to int8 per block of 32 (as llama.cpp
         // does). For a block of roughly normal activations the step is
         // ~2.5σ/127 and the rounding error uniform within ±step/2, so one
-        // product is off by ~0.6% RMS of its size; the fixture's two layers
-        // chain seven products (q/k/v, o, gate/up, down per layer, then the
-        // head), so the logits may differ by ~√14·0.6% ≈ 2% RMS of their
-        // spread (a bound of 3%), and by a few times that at the worst
-        // vocabulary entry. Teacher-forced on the reference's greedy
+        // product is off by ~0.6% RMS of its size; a token's path through
+        // the fixture's two layers crosses nine products in sequence (q/k/v,
+        // o, gate/up and down per layer, then the head), so the logits may
+        // differ by ~√9·0.6% ≈ 2% RMS of their spread (a bound of 3%), and
+        // by a few times that at the worst vocabulary entry. Teacher-forced on the reference's greedy
         // tokens, the fast path must pick the same token wherever the
         // reference's top-two margin exceeds twice that step's largest
         // difference.
