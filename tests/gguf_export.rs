@@ -174,23 +174,19 @@ fn fixtures_export_at_every_type_parse_in_gguf_py_and_round_trip() {
     }
 }
 
-/// Imports a real asset into a fresh directory under `tmp`.
-fn import_asset(asset: &str, tmp: &Path) -> PathBuf {
-    let dir = tmp.join(format!("{asset}-hf"));
-    import(&common::asset(asset), &dir);
-    dir
-}
-
 #[test]
 fn smollm2_round_trips_through_llama_q_k_permutation() {
     let tmp = tempfile::tempdir().unwrap();
-    let hf = import_asset("smollm2-gguf", tmp.path());
+    let hf = common::imported("smollm2-gguf");
     for ty in ["q8_0", "q4_k_m"] {
         let gguf = tmp.path().join(format!("smollm2-{ty}.gguf"));
         export(&hf, ty, &gguf);
         let back = tmp.path().join(format!("smollm2-{ty}-back"));
         import(&gguf, &back);
         check_round_trip(&hf, &gguf, &back);
+        // Each round trip's 0.7 GB goes before the next one's is written.
+        std::fs::remove_dir_all(&back).unwrap();
+        std::fs::remove_file(&gguf).unwrap();
     }
 }
 
@@ -198,7 +194,7 @@ fn smollm2_round_trips_through_llama_q_k_permutation() {
 fn real_qwen_export_keeps_the_original_vocabulary_and_stop_ids() {
     let tmp = tempfile::tempdir().unwrap();
     let original = common::asset("qwen-coder-gguf");
-    let hf = import_asset("qwen-coder-gguf", tmp.path());
+    let hf = common::imported("qwen-coder-gguf");
     let gguf = tmp.path().join("qwen-q4_k_m.gguf");
     export(&hf, "q4_k_m", &gguf);
     let ours = common::python_json("gguf_ref.py", &[&"read", &gguf]);

@@ -6,41 +6,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qcoder::tokenizer::CodeTokenizer;
-
-/// Imports a real asset once per qcoder build (the imported directory is
-/// cached outside git, keyed by the binary's size and mtime, because the
-/// Qwen import writes 2.5 GB).
-fn imported(asset: &str) -> PathBuf {
-    // Tests run in parallel threads; one import at a time.
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let gguf = common::asset(asset);
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_qcoder"));
-    let meta = std::fs::metadata(&bin).unwrap();
-    let stamp = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let cache = common::test_cache("import");
-    let key = format!("{asset}-{}-{stamp}", meta.len());
-    let dir = cache.join(&key);
-    if !dir.join("model.safetensors").exists() {
-        // Older builds' imports of this asset are stale: drop them.
-        for entry in std::fs::read_dir(&cache).unwrap().flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with(&format!("{asset}-")) && name != key {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        common::qcoder_ok(&[&"import", &gguf, &"-o", &dir], &cache);
-    }
-    dir
-}
 
 fn generate_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"generate", &"--model", &dir];
@@ -54,7 +22,7 @@ fn generate_json(dir: &Path, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn imported_qwen_coder_fills_in_fibonacci() {
-    let dir = imported("qwen-coder-gguf");
+    let dir = common::imported("qwen-coder-gguf");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // Facts of this file (../shared/ASSETS.md): separate output.weight,
@@ -100,7 +68,7 @@ fn imported_qwen_coder_fills_in_fibonacci() {
 
 #[test]
 fn imported_smollm2_knows_paris() {
-    let dir = imported("smollm2-gguf");
+    let dir = common::imported("smollm2-gguf");
     let out = generate_json(
         &dir,
         &[
@@ -117,7 +85,7 @@ fn imported_smollm2_knows_paris() {
 
 #[test]
 fn rebuilt_qwen_tokenizer_encodes_like_qwen_tokenizer_json() {
-    let dir = imported("qwen-coder-gguf");
+    let dir = common::imported("qwen-coder-gguf");
     let ours = CodeTokenizer::from_model_dir(&dir).unwrap();
     let reference = CodeTokenizer::from_model_dir(&common::asset("qwen3-tokenizer")).unwrap();
     let samples = [

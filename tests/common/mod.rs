@@ -108,3 +108,36 @@ pub fn test_cache(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("creating the test cache");
     dir
 }
+
+/// Imports a real GGUF asset once per qcoder build and returns the HF
+/// directory. The directory is cached outside git (keyed by the binary's size
+/// and mtime) and shared by every test binary: the Qwen import writes 2.5 GB,
+/// and a copy per test once filled CI's disk. Read it, never write into it.
+pub fn imported(asset: &str) -> PathBuf {
+    // Tests run in parallel threads; one import at a time.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let gguf = self::asset(asset);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_qcoder"));
+    let meta = std::fs::metadata(&bin).unwrap();
+    let stamp = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let cache = test_cache("import");
+    let key = format!("{asset}-{}-{stamp}", meta.len());
+    let dir = cache.join(&key);
+    if !dir.join("model.safetensors").exists() {
+        // Older builds' imports of this asset are stale: drop them.
+        for entry in std::fs::read_dir(&cache).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(&format!("{asset}-")) && name != key {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        qcoder_ok(&[&"import", &gguf, &"-o", &dir], &cache);
+    }
+    dir
+}
