@@ -160,6 +160,18 @@ pub struct InspectArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColumnOrderArg {
+    /// Columns as stored.
+    Natural,
+    /// All columns by decreasing activation (desc_act); writes a g_idx, which
+    /// the fast 4-bit kernels do not take.
+    ActOrder,
+    /// Each group's own columns by decreasing activation, groups by their most
+    /// active column (GAR, GPTQModel's default); g_idx stays trivial.
+    GroupAware,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuantMethodArg {
     /// GPTQ (Frantar et al.): second-order error compensation.
     Gptq,
@@ -198,9 +210,19 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub asym: bool,
 
-    /// GPTQ: quantize columns by decreasing activation (desc_act; writes g_idx).
+    /// GPTQ: the order the input columns are quantized in.
+    #[arg(long, value_enum, default_value = "natural")]
+    pub order: ColumnOrderArg,
+
+    /// GPTQ: short for --order act-order (desc_act; writes g_idx).
     #[arg(long)]
     pub act_order: bool,
+
+    /// GPTQ and RTN: fit each group's range by least squared rounding error
+    /// over 80 shrunk ranges instead of min/max (clips outliers; GPTQ's and
+    /// GPTQModel's `mse` option).
+    #[arg(long)]
+    pub mse: bool,
 
     /// GPTQ: Hessian dampening, as a fraction of its mean diagonal.
     #[arg(long, default_value_t = 0.01)]

@@ -193,3 +193,52 @@ fn bf16_runs_close_to_f32() {
     // bf16 keeps 8 bits of mantissa; two layers of it stay within a few percent.
     assert!(diff / scale < 0.05, "bf16 relative error {}", diff / scale);
 }
+
+/// A layer walked group by group (as quantization calibrates) gives every
+/// linear input `linear_inputs` gives and exactly `forward`'s output, with
+/// down_proj's input kept or recomputed.
+#[test]
+fn layer_walk_matches_forward_exactly() {
+    use qcoder::model::decoder::{DecoderLayer, LinearInput, Positional};
+    for name in MODELS {
+        let dir = fixture(name);
+        let config = model::read_config(&dir).unwrap();
+        let ckpt = Checkpoint::open_dir(&dir).unwrap();
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        };
+        let layer = DecoderLayer::load(&config, &ckpt, 0, opts).unwrap();
+        let positional = Positional::new(&config, &dir.join("config.json"), opts).unwrap();
+        let ctx = positional.context(2, 12, 0);
+        tch::manual_seed(3);
+        let x = Tensor::randn(
+            [2, 12, config.hidden_size as i64],
+            (Kind::Float, Device::Cpu),
+        );
+        let stages = [
+            LinearInput::Qkv,
+            LinearInput::O,
+            LinearInput::GateUp,
+            LinearInput::Down,
+        ];
+        let expected = layer.linear_inputs(&x, &ctx, &stages);
+        for keep in [true, false] {
+            let mut walk = layer.walk(&x);
+            for (k, stage) in stages.iter().enumerate() {
+                if k > 0 {
+                    layer.advance(&mut walk, &ctx, keep);
+                }
+                assert_eq!(walk.at, *stage);
+                assert!(
+                    layer.walk_input(&walk).equal(&expected[k]),
+                    "{name} {stage:?} keep {keep}"
+                );
+            }
+            assert!(
+                layer.finish(walk).equal(&layer.forward(&x, &ctx, None)),
+                "{name}: output, keep {keep}"
+            );
+        }
+    }
+}

@@ -5,14 +5,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::inspect::human_bytes;
 use super::Outcome;
-use crate::cli::{QuantMethodArg, QuantizeArgs};
+use crate::cli::{ColumnOrderArg, QuantMethodArg, QuantizeArgs};
 use crate::data::texts::{read_texts, Split};
 use crate::device::parse_device;
 use crate::model::{self, hub};
 use crate::quant::calib::sample_windows;
 use crate::quant::checkpoint::QuantFormat;
 use crate::quant::run::{run as run_job, validate, Job};
-use crate::quant::{MethodKind, QuantSpec};
+use crate::quant::{ColumnOrder, MethodKind, QuantSpec};
 use crate::tokenizer::CodeTokenizer;
 
 /// Text read for calibration at most (the windows are cut from it).
@@ -29,8 +29,20 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
     } else {
         method != MethodKind::Awq
     };
-    if args.act_order && method != MethodKind::Gptq {
-        bail!("--act-order applies to GPTQ only");
+    let order = match (args.act_order, args.order) {
+        (true, ColumnOrderArg::Natural | ColumnOrderArg::ActOrder) => ColumnOrder::DescAct,
+        (true, ColumnOrderArg::GroupAware) => {
+            bail!("--act-order contradicts --order group-aware")
+        }
+        (false, ColumnOrderArg::Natural) => ColumnOrder::Natural,
+        (false, ColumnOrderArg::ActOrder) => ColumnOrder::DescAct,
+        (false, ColumnOrderArg::GroupAware) => ColumnOrder::GroupAware,
+    };
+    if order != ColumnOrder::Natural && method != MethodKind::Gptq {
+        bail!("--act-order and --order apply to GPTQ only");
+    }
+    if args.mse && method == MethodKind::Awq {
+        bail!("--mse applies to GPTQ and RTN (AWQ runs its own clipping search)");
     }
     if !(0.0..1.0).contains(&args.damp) {
         bail!("--damp must be in [0, 1)");
@@ -40,13 +52,17 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
         g if g > 0 => Some(g as usize),
         g => bail!("--group-size {g}: give a positive size or -1 for one group per row"),
     };
+    if order == ColumnOrder::GroupAware && group_size.is_none() {
+        bail!("--order group-aware needs groups: give --group-size");
+    }
     let spec = QuantSpec {
         method,
         bits: args.bits,
         group_size,
         sym,
-        act_order: args.act_order,
+        order,
         damp: args.damp,
+        mse: args.mse,
     };
     let max_shard_bytes = crate::data::parse_size(&args.max_shard_size)
         .map_err(|e| anyhow::anyhow!("--max-shard-size {}: {e}", args.max_shard_size))?;
@@ -172,7 +188,10 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
         args.bits,
         group_size.map_or("per-row".to_string(), |g| g.to_string()),
         if sym { "sym" } else { "asym" },
-        if args.act_order { " act-order" } else { "" },
+        match order {
+            ColumnOrder::Natural => String::new(),
+            o => format!(" {}", o.name()),
+        } + if args.mse { " mse" } else { "" },
         report.seconds,
         report.peak_rss_bytes.map_or("unknown".into(), human_bytes),
     );

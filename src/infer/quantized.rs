@@ -25,7 +25,7 @@ use crate::model::decoder::{Dequantize, LoadOptions, QuantizedLayers};
 use crate::model::linear::Linear;
 use crate::model::{CausalLm, ModelError};
 use crate::quant::rtn::rtn_matrix;
-use crate::quant::{MethodKind, QuantSpec, QuantizedLinear};
+use crate::quant::{ColumnOrder, MethodKind, QuantSpec, QuantizedLinear};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FastPathError {
@@ -429,8 +429,9 @@ pub fn quantize_head(model: &mut CausalLm, head: HeadQuant) -> Result<(), FastPa
                 bits: 4,
                 group_size: Some(32),
                 sym: false,
-                act_order: false,
+                order: ColumnOrder::Natural,
                 damp: 0.0,
+                mse: false,
             };
             let mut q = rtn_matrix(&weight, &spec);
             q.bias = bias.map(|b| b.to_kind(Kind::Float));
@@ -446,14 +447,15 @@ mod tests {
     use crate::quant::gptq::quantize_matrix;
     use crate::quant::{rtn::rtn_matrix, MethodKind, QuantSpec};
 
-    fn spec(act_order: bool) -> QuantSpec {
+    fn spec(order: ColumnOrder) -> QuantSpec {
         QuantSpec {
             method: MethodKind::Gptq,
             bits: 4,
             group_size: Some(32),
             sym: false,
-            act_order,
+            order,
             damp: 0.01,
+            mse: false,
         }
     }
 
@@ -482,8 +484,8 @@ mod tests {
         let calib = Tensor::randn([5, 128], opts);
         let h = calib.transpose(0, 1).matmul(&calib) + Tensor::eye(128, opts);
         for q in [
-            rtn_matrix(&w, &spec(false)),
-            quantize_matrix(&w, &h, &spec(true), "t").unwrap(),
+            rtn_matrix(&w, &spec(ColumnOrder::Natural)),
+            quantize_matrix(&w, &h, &spec(ColumnOrder::DescAct), "t").unwrap(),
         ] {
             let layer = Int4Linear::new(&q, Device::Cpu, Kind::Float).unwrap();
             for rows in [5, PREFILL_ROWS + 7] {
@@ -520,14 +522,19 @@ mod tests {
     fn int4_refuses_what_the_kernel_cannot_run() {
         // Any output size runs on CPU; the input must hold whole groups.
         let w = Tensor::randn([8, 64], (Kind::Float, Device::Cpu));
-        assert!(Int4Linear::new(&rtn_matrix(&w, &spec(false)), Device::Cpu, Kind::Float).is_ok());
+        assert!(Int4Linear::new(
+            &rtn_matrix(&w, &spec(ColumnOrder::Natural)),
+            Device::Cpu,
+            Kind::Float
+        )
+        .is_ok());
         let w = Tensor::randn([8, 48], (Kind::Float, Device::Cpu));
-        let q = rtn_matrix(&w, &spec(false));
+        let q = rtn_matrix(&w, &spec(ColumnOrder::Natural));
         assert!(matches!(
             Int4Linear::new(&q, Device::Cpu, Kind::Float),
             Err(FastPathError::Shape { .. })
         ));
-        let mut s = spec(false);
+        let mut s = spec(ColumnOrder::Natural);
         s.bits = 3;
         let q = rtn_matrix(&Tensor::randn([16, 64], (Kind::Float, Device::Cpu)), &s);
         assert!(matches!(

@@ -476,6 +476,18 @@ impl LinearInput {
     }
 }
 
+/// A forward pass through one decoder layer stopped before a linear group:
+/// the residual stream so far and the input the group reads. Advancing it
+/// stage by stage after each group is quantized runs the layer once in
+/// total, with exactly `forward`'s operations (true-sequential calibration).
+pub struct LayerWalk {
+    pub at: LinearInput,
+    residual: Tensor,
+    value: Tensor,
+    /// At `Down` when down_proj's input is recomputed: gate/up's input.
+    mlp_in: Option<Tensor>,
+}
+
 #[derive(Debug)]
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
@@ -632,6 +644,63 @@ impl DecoderLayer {
             .iter()
             .map(|w| stages[*w as usize].shallow_clone())
             .collect()
+    }
+
+    /// Starts a forward pass of residual input `x` that stops before each
+    /// linear group (see [`LayerWalk`]).
+    pub fn walk(&self, x: &Tensor) -> LayerWalk {
+        LayerWalk {
+            at: LinearInput::Qkv,
+            residual: x.shallow_clone(),
+            value: self.input_layernorm.forward(x),
+            mlp_in: None,
+        }
+    }
+
+    /// Moves `walk` to the next linear group's input with the linears as
+    /// they are now. `keep_mlp_hidden = false` at `GateUp` keeps only the
+    /// (narrow) input of gate/up and recomputes down_proj's wide input when
+    /// asked for it.
+    pub fn advance(&self, walk: &mut LayerWalk, ctx: &StepContext, keep_mlp_hidden: bool) {
+        let attn = &self.self_attn;
+        match walk.at {
+            LinearInput::Qkv => {
+                walk.value = attn.attend(&walk.value, &ctx.cos_sin, ctx.mask(attn.window), None);
+                walk.at = LinearInput::O;
+            }
+            LinearInput::O => {
+                walk.residual = &walk.residual + attn.o_proj.forward(&walk.value);
+                walk.value = self.post_attention_layernorm.forward(&walk.residual);
+                walk.at = LinearInput::GateUp;
+            }
+            LinearInput::GateUp => {
+                if keep_mlp_hidden {
+                    walk.value = self.mlp.hidden(&walk.value);
+                } else {
+                    walk.mlp_in = Some(walk.value.shallow_clone());
+                }
+                walk.at = LinearInput::Down;
+            }
+            LinearInput::Down => panic!("a layer walk past down_proj: call `finish`"),
+        }
+    }
+
+    /// The input of the linear group `walk` stands at.
+    pub fn walk_input(&self, walk: &LayerWalk) -> Tensor {
+        match &walk.mlp_in {
+            Some(h) => self.mlp.hidden(h),
+            None => walk.value.shallow_clone(),
+        }
+    }
+
+    /// The layer's output: `walk` must stand at down_proj.
+    pub fn finish(&self, walk: LayerWalk) -> Tensor {
+        assert_eq!(
+            walk.at,
+            LinearInput::Down,
+            "finish a layer walk at down_proj"
+        );
+        &walk.residual + self.mlp.down_proj.forward(&self.walk_input(&walk))
     }
 
     /// The seven linears, named as in `LAYER_LINEARS`.

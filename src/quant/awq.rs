@@ -15,7 +15,7 @@ use super::calib::{Recorded, Want};
 use super::rtn::rtn_matrix;
 use super::{
     set_dense_weight, Grid, LayerCalibration, Method, MethodKind, QuantError, QuantSpec,
-    QuantizedLinear,
+    QuantizedLayer,
 };
 use crate::model::decoder::DecoderLayer;
 
@@ -126,7 +126,7 @@ impl Method for Awq {
         layer: &mut DecoderLayer,
         calib: &LayerCalibration<'_>,
         spec: &QuantSpec,
-    ) -> Result<Vec<(&'static str, QuantizedLinear)>, QuantError> {
+    ) -> Result<QuantizedLayer, QuantError> {
         let _guard = tch::no_grad_guard();
         let grid = spec.grid();
         if let Some(bar) = calib.steps {
@@ -187,7 +187,10 @@ impl Method for Awq {
             }
             calib.step(&format!("clip {}", group.linears.join("+")));
         }
-        Ok(out)
+        Ok(QuantizedLayer {
+            linears: out,
+            outputs: None,
+        })
     }
 }
 

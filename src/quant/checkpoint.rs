@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::pack;
-use super::{natural_g_idx, QuantSpec, QuantizedLinear};
+use super::{natural_g_idx, ColumnOrder, QuantSpec, QuantizedLinear};
 use crate::model::{Checkpoint, ModelConfig, ModelError};
 
 /// A quantized checkpoint format, from `quantization_config`.
@@ -107,7 +107,7 @@ impl QuantFormat {
                 "quant_method": "gptq",
                 "bits": spec.bits,
                 "group_size": group,
-                "desc_act": spec.act_order,
+                "desc_act": spec.order == ColumnOrder::DescAct,
                 "sym": spec.sym,
                 "lm_head": false,
                 "checkpoint_format": "gptq",
@@ -367,8 +367,9 @@ mod tests {
                 bits,
                 group_size: Some(32),
                 sym: method == MethodKind::Gptq,
-                act_order: false,
+                order: ColumnOrder::Natural,
                 damp: 0.01,
+                mse: false,
             };
             let q = rtn_matrix(&w, &spec);
             let format = if method == MethodKind::Awq {

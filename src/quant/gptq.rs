@@ -13,9 +13,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::calib::Want;
 use super::{
-    set_dense_weight, LayerCalibration, Method, MethodKind, QuantError, QuantSpec, QuantizedLinear,
+    set_dense_weight, ColumnOrder, LayerCalibration, Method, MethodKind, QuantError, QuantSpec,
+    QuantizedLayer, QuantizedLinear,
 };
 use crate::model::decoder::DecoderLayer;
+use crate::model::decoder::LinearInput;
 
 /// Linears that share an input, in the order they are quantized.
 pub const SEQUENTIAL_GROUPS: &[&[&str]] = &[
@@ -44,24 +46,29 @@ impl Method for Gptq {
         layer: &mut DecoderLayer,
         calib: &LayerCalibration<'_>,
         spec: &QuantSpec,
-    ) -> Result<Vec<(&'static str, QuantizedLinear)>, QuantError> {
+    ) -> Result<QuantizedLayer, QuantError> {
         let mut out = Vec::new();
         if let Some(bar) = calib.steps {
             bar.set_length(SEQUENTIAL_GROUPS.len() as u64);
         }
-        for group in SEQUENTIAL_GROUPS {
-            let recorded = calib.capture(
+        let mut walk = calib.walk(layer);
+        for (k, group) in SEQUENTIAL_GROUPS.iter().enumerate() {
+            if k > 0 {
+                walk.advance(layer, calib.ctx);
+            }
+            assert_eq!(Some(walk.at()), LinearInput::of(group[0]));
+            let recorded = walk.record(
                 layer,
-                &group[..1],
                 Want {
                     hessian: true,
                     inputs: 0,
                 },
-            )?;
-            let h = recorded[0].hessian().ok_or_else(|| QuantError::NonFinite {
+            );
+            let h = recorded.hessian().ok_or_else(|| QuantError::NonFinite {
                 what: "the Hessian (no calibration rows)",
                 layer: calib.layer_name.clone(),
             })?;
+            drop(recorded);
             // All linears of a group share H: quantize their stacked rows in one pass.
             let mut weights = Vec::new();
             let mut biases = Vec::new();
@@ -99,7 +106,10 @@ impl Method for Gptq {
             }
             calib.step(&group.join("+"));
         }
-        Ok(out)
+        Ok(QuantizedLayer {
+            linears: out,
+            outputs: Some(walk.finish(layer)),
+        })
     }
 }
 
@@ -136,7 +146,7 @@ pub fn quantize_matrix(
     let _ = h.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
     let _ = w.masked_fill_(&dead.unsqueeze(0).expand([rows, cols], false), 0.0);
 
-    let perm = spec.act_order.then(|| h.diagonal(0, 0, 1).argsort(0, true));
+    let perm = column_permutation(&h.diagonal(0, 0, 1), spec.order, group);
     if let Some(perm) = &perm {
         w = w.index_select(1, perm);
         h = h.index_select(0, perm).index_select(1, perm);
@@ -230,18 +240,32 @@ pub fn quantize_matrix(
     }
 
     let n_groups = scales.len() as i64;
-    let scales = Tensor::cat(&scales, 1).transpose(0, 1).contiguous(); // (groups, rows)
-    let zeros = Tensor::cat(&zeros, 1).transpose(0, 1).contiguous();
+    let mut scales = Tensor::cat(&scales, 1).transpose(0, 1).contiguous(); // (groups, rows)
+    let mut zeros = Tensor::cat(&zeros, 1).transpose(0, 1).contiguous();
     let position_group = super::natural_g_idx(cols, group, device);
-    let (q_ints, g_idx) = match &perm {
-        Some(perm) => {
+    let (q_ints, g_idx) = match (&perm, spec.order) {
+        (None, _) | (Some(_), ColumnOrder::Natural) => (q_ints, position_group),
+        (Some(perm), ColumnOrder::DescAct) => {
             let inverse = perm.argsort(0, false);
             (
                 q_ints.index_select(1, &inverse),
                 position_group.index_select(0, &inverse),
             )
         }
-        None => (q_ints, position_group),
+        (Some(perm), ColumnOrder::GroupAware) => {
+            // The k-th group quantized is the stored group perm[k·group]/group:
+            // put the grids back in stored order; g_idx stays trivial.
+            let visited = perm
+                .slice(0, 0, None, group)
+                .divide_scalar_mode(group, "floor");
+            let back = visited.argsort(0, false);
+            scales = scales.index_select(0, &back);
+            zeros = zeros.index_select(0, &back);
+            (
+                q_ints.index_select(1, &perm.argsort(0, false)),
+                super::natural_g_idx(cols, group, device),
+            )
+        }
     };
     debug_assert_eq!(n_groups, (cols + group - 1) / group);
     Ok(QuantizedLinear {
@@ -253,6 +277,36 @@ pub fn quantize_matrix(
         g_idx,
         bias: None,
     })
+}
+
+/// The column permutation `p` (position → stored column) for `order`, or
+/// `None` for the stored order.
+///
+/// Group-aware ordering follows GPTQModel's `gar.py` (`compute_local_perms`,
+/// `compute_global_perm` with its default "max" metric): within each group of
+/// `group` consecutive columns, decreasing diagonal; groups by decreasing
+/// largest diagonal, ties in stored order.
+fn column_permutation(diag: &Tensor, order: ColumnOrder, group: i64) -> Option<Tensor> {
+    match order {
+        ColumnOrder::Natural => None,
+        ColumnOrder::DescAct => Some(diag.argsort(0, true)),
+        ColumnOrder::GroupAware => {
+            let cols = diag.size()[0];
+            assert_eq!(
+                cols % group,
+                0,
+                "groups divide the columns (checked at validation)"
+            );
+            let (values, local) = diag.view([cols / group, group]).sort_stable(true, 1, true);
+            let groups = values.select(1, 0).argsort_stable(true, 0, true);
+            let base = Tensor::arange_start_step(0, cols, group, (Kind::Int64, diag.device()));
+            Some(
+                (local + base.unsqueeze(1))
+                    .index_select(0, &groups)
+                    .view(-1),
+            )
+        }
+    }
 }
 
 /// A tensor's values as f32 on the host (row-major).
@@ -343,8 +397,13 @@ mod tests {
             bits,
             group_size: group,
             sym: false,
-            act_order,
+            order: if act_order {
+                ColumnOrder::DescAct
+            } else {
+                ColumnOrder::Natural
+            },
             damp: 0.01,
+            mse: false,
         }
     }
 
@@ -354,17 +413,19 @@ mod tests {
         let h = x.transpose(0, 1).matmul(&x) * (2.0 / 2048.0);
         let w = Tensor::randn([64, 128], (Kind::Float, Device::Cpu)) * 0.05;
         for (bits, group, act) in [
-            (4, Some(32), false),
-            (3, Some(32), true),
-            (4, None, false),
-            (2, Some(64), true),
+            (4, Some(32), ColumnOrder::Natural),
+            (3, Some(32), ColumnOrder::DescAct),
+            (3, Some(32), ColumnOrder::GroupAware),
+            (4, None, ColumnOrder::Natural),
+            (2, Some(64), ColumnOrder::DescAct),
         ] {
-            let s = spec(bits, group, act);
+            let mut s = spec(bits, group, false);
+            s.order = act;
             let g = quantize_matrix(&w, &h, &s, "test").unwrap();
             let r = rtn_matrix(&w, &s);
             let eg = relative_output_error(&w, &g.dequantize(), &h);
             let er = relative_output_error(&w, &r.dequantize(), &h);
-            println!("bits {bits} group {group:?} act {act}: gptq {eg:.3e} rtn {er:.3e}");
+            println!("bits {bits} group {group:?} {act:?}: gptq {eg:.3e} rtn {er:.3e}");
             assert!(eg < er, "GPTQ {eg} not below RTN {er} at {bits} bits");
         }
     }
@@ -383,6 +444,52 @@ mod tests {
         // The most active column is in group 0.
         let top = h.diagonal(0, 0, 1).argmax(0, false).int64_value(&[]);
         assert_eq!(q.g_idx.int64_value(&[top]), 0);
+    }
+
+    #[test]
+    fn group_aware_permutation_keeps_groups_whole() {
+        // Groups of 3: maxima 5, 9, 3 (the last group's tie stays in order).
+        let diag = Tensor::from_slice(&[1f32, 5., 2., 0., 9., 4., 3., 3., 1.]);
+        let p = column_permutation(&diag, ColumnOrder::GroupAware, 3).unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(&p).unwrap(),
+            [4, 5, 3, 1, 2, 0, 6, 7, 8]
+        );
+        assert!(column_permutation(&diag, ColumnOrder::Natural, 3).is_none());
+    }
+
+    /// With a diagonal Hessian no column's error reaches another, so GPTQ is
+    /// round-to-nearest in any order: the integers, grids and g_idx must come
+    /// back in stored order exactly as RTN has them (for act-order, RTN of
+    /// the columns sorted by the diagonal, whose groups act-order forms).
+    #[test]
+    fn every_order_is_rtn_under_a_diagonal_hessian() {
+        let d = 96;
+        let diag = Tensor::rand([d], (Kind::Float, Device::Cpu)) + 0.1;
+        let h = Tensor::diag_embed(&diag, 0, 0, 1);
+        let w = Tensor::randn([24, d], (Kind::Float, Device::Cpu));
+        for order in [
+            ColumnOrder::Natural,
+            ColumnOrder::GroupAware,
+            ColumnOrder::DescAct,
+        ] {
+            let mut s = spec(4, Some(32), false);
+            s.order = order;
+            let g = quantize_matrix(&w, &h, &s, "t").unwrap();
+            if order == ColumnOrder::DescAct {
+                let perm = diag.argsort(0, true);
+                let r = rtn_matrix(&w.index_select(1, &perm), &s);
+                let back = r.dequantize().index_select(1, &perm.argsort(0, false));
+                assert!(!g.has_trivial_g_idx());
+                assert!(g.dequantize().equal(&back), "act-order: dequantized");
+                continue;
+            }
+            let r = rtn_matrix(&w, &s);
+            assert!(g.has_trivial_g_idx(), "{order:?}");
+            assert!(g.q.equal(&r.q), "{order:?}: integers");
+            assert!(g.scales.equal(&r.scales), "{order:?}: scales");
+            assert!(g.zeros.equal(&r.zeros), "{order:?}: zeros");
+        }
     }
 
     /// The flip-and-solve factor equals the reference's

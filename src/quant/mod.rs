@@ -44,6 +44,34 @@ impl MethodKind {
     }
 }
 
+/// The order GPTQ quantizes a matrix's input columns in. Columns quantized
+/// early pass their error on to the columns after them, so the most active
+/// inputs (largest Hessian diagonal, i.e. mean squared activation) go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColumnOrder {
+    /// As stored.
+    #[default]
+    Natural,
+    /// All columns by decreasing Hessian diagonal ("act-order", `desc_act`):
+    /// a group then holds scattered columns, so the checkpoint needs `g_idx`.
+    DescAct,
+    /// Group-aware reordering (GAR; Gafni et al., CVPRW 2025, arXiv
+    /// 2505.14638; GPTQModel's default): each group keeps its own columns,
+    /// sorted by decreasing diagonal, and the groups go by decreasing largest
+    /// diagonal. `g_idx` stays trivial, so the fast kernels still apply.
+    GroupAware,
+}
+
+impl ColumnOrder {
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnOrder::Natural => "natural",
+            ColumnOrder::DescAct => "act-order",
+            ColumnOrder::GroupAware => "group-aware",
+        }
+    }
+}
+
 /// Everything that decides how weights are quantized.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QuantSpec {
@@ -52,10 +80,13 @@ pub struct QuantSpec {
     /// Input columns per scale/zero group; `None` = one group per row.
     pub group_size: Option<usize>,
     pub sym: bool,
-    /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
-    pub act_order: bool,
+    /// GPTQ: the order the input columns are quantized in.
+    pub order: ColumnOrder,
     /// GPTQ: dampening as a fraction of the mean Hessian diagonal.
     pub damp: f64,
+    /// GPTQ and RTN: fit each group's range by least squared rounding error
+    /// (see `Grid::params`) instead of min/max.
+    pub mse: bool,
 }
 
 impl QuantSpec {
@@ -63,6 +94,7 @@ impl QuantSpec {
         Grid {
             bits: self.bits,
             sym: self.sym,
+            search: self.mse,
         }
     }
 
@@ -185,7 +217,18 @@ pub trait Method {
         layer: &mut DecoderLayer,
         calib: &LayerCalibration<'_>,
         spec: &QuantSpec,
-    ) -> Result<Vec<(&'static str, QuantizedLinear)>, QuantError>;
+    ) -> Result<QuantizedLayer, QuantError>;
+}
+
+/// What a method made of one decoder layer.
+pub struct QuantizedLayer {
+    /// The quantized linears, named as in `LAYER_LINEARS` (the layer's own
+    /// linears are replaced by their dequantized weights).
+    pub linears: Vec<(&'static str, QuantizedLinear)>,
+    /// The quantized layer's outputs on the calibration inputs, when the
+    /// method computed them on its way (GPTQ's walk); otherwise the job runs
+    /// the layer.
+    pub outputs: Option<Vec<tch::Tensor>>,
 }
 
 pub fn method_for(kind: MethodKind) -> Box<dyn Method> {

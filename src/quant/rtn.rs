@@ -5,7 +5,8 @@
 use tch::{Kind, Tensor};
 
 use super::{
-    set_dense_weight, LayerCalibration, Method, MethodKind, QuantError, QuantSpec, QuantizedLinear,
+    set_dense_weight, LayerCalibration, Method, MethodKind, QuantError, QuantSpec, QuantizedLayer,
+    QuantizedLinear,
 };
 use crate::model::decoder::DecoderLayer;
 
@@ -21,7 +22,7 @@ impl Method for Rtn {
         layer: &mut DecoderLayer,
         _calib: &LayerCalibration<'_>,
         spec: &QuantSpec,
-    ) -> Result<Vec<(&'static str, QuantizedLinear)>, QuantError> {
+    ) -> Result<QuantizedLayer, QuantError> {
         let _guard = tch::no_grad_guard();
         let mut out = Vec::new();
         for (name, slot) in layer.linears_mut() {
@@ -34,7 +35,10 @@ impl Method for Rtn {
             set_dense_weight(slot, q.dequantize().to_kind(kind));
             out.push((name, q));
         }
-        Ok(out)
+        Ok(QuantizedLayer {
+            linears: out,
+            outputs: None,
+        })
     }
 }
 

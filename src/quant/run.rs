@@ -218,14 +218,25 @@ pub fn run(
             max_input_rows: job.awq_rows,
             steps: Some(step_bar),
         };
-        // Float outputs on one batch, to measure what quantization changed.
-        let probe = inputs
-            .first()
-            .map(|x| (x.shallow_clone(), layer.forward(x, &ctx, None)));
+        // Float outputs on one calibration sequence, to measure what
+        // quantization changed.
+        let probe = inputs.first().map(|x| {
+            let x = x.narrow(0, 0, 1);
+            let reference = layer.forward(&x, &ctx, None);
+            (x, reference)
+        });
         let quantized = method.quantize_layer(&mut layer, &calib, &job.spec)?;
+        let next = match quantized.outputs {
+            Some(outputs) => outputs,
+            None if job.calibration.is_some() => calib.outputs(&layer),
+            None => Vec::new(),
+        };
         let rel_error = probe
             .map(|(x, reference)| {
-                let out = layer.forward(&x, &ctx, None);
+                let out = match next.first() {
+                    Some(y) => y.narrow(0, 0, 1),
+                    None => layer.forward(&x, &ctx, None),
+                };
                 let num = (&out - &reference)
                     .square()
                     .sum(Kind::Double)
@@ -241,7 +252,7 @@ pub fn run(
                 }
             })
             .unwrap_or(f64::NAN);
-        for (linear, q) in &quantized {
+        for (linear, q) in &quantized.linears {
             for (suffix, t) in pack_linear(q, format) {
                 writer.add(format!("{name}.{linear}.{suffix}"), &t)?;
             }
@@ -269,8 +280,9 @@ pub fn run(
                 writer.add(format!("{name}.{leaf}"), &w.to_kind(Kind::Half))?;
             }
         }
+        drop(calib);
         if job.calibration.is_some() {
-            inputs = calib.outputs(&layer);
+            inputs = next;
         }
         let seconds = t0.elapsed().as_secs_f64();
         if layers_bar.is_hidden() {
