@@ -63,8 +63,9 @@ pub fn sample_windows(
 /// What a probe accumulates.
 #[derive(Debug, Default)]
 pub struct Recorded {
-    /// Σ xᵀx over all rows, f32 (in, in).
-    pub xtx: Option<Tensor>,
+    /// Σ xᵀx over all rows, f32 (in, in): only the tiles on and above the
+    /// diagonal (see [`gram_add`]); [`Recorded::hessian`] mirrors the rest.
+    xtx: Option<Tensor>,
     /// Mean |x| per input channel numerator (Σ |x|), f32 (in).
     pub abs_sum: Option<Tensor>,
     /// Rows seen.
@@ -78,7 +79,7 @@ impl Recorded {
     /// GPTQ's Hessian proxy `H = 2 XᵀX / n`.
     pub fn hessian(&self) -> Option<Tensor> {
         let n = self.rows.max(1) as f64;
-        self.xtx.as_ref().map(|s| s * (2.0 / n))
+        self.xtx.as_ref().map(|s| mirror_tiles(s) * (2.0 / n))
     }
 
     pub fn abs_mean(&self) -> Option<Tensor> {
@@ -106,11 +107,10 @@ impl Recorded {
         let rows = x.reshape([-1, in_f]).to_kind(Kind::Float);
         let n = rows.size()[0];
         if want.hessian {
-            let xtx = gram(&rows);
-            self.xtx = Some(match self.xtx.take() {
-                Some(acc) => acc + xtx,
-                None => xtx,
-            });
+            let acc = self
+                .xtx
+                .get_or_insert_with(|| Tensor::zeros([in_f, in_f], (Kind::Float, rows.device())));
+            gram_add(acc, &rows);
         }
         let abs = rows.abs().sum_dim_intlist(0, false, Kind::Float);
         self.abs_sum = Some(match self.abs_sum.take() {
@@ -176,34 +176,44 @@ impl CalibrationWalk {
     }
 }
 
-/// Widest column tile of [`gram`]'s blocked product.
+/// Widest column tile of [`gram_add`]'s blocked product.
 const GRAM_TILE: i64 = 1024;
 
-/// XᵀX of `rows` (n, d). XᵀX is symmetric, so wide inputs are cut into k
-/// column tiles and only the k(k+1)/2 tile products on and above the diagonal
-/// are computed, the rest mirrored: for down_proj's 4864 inputs (k = 5) 60%
-/// of the full product's work, the largest single cost of calibration.
-fn gram(rows: &Tensor) -> Tensor {
-    let d = rows.size()[1];
-    if d <= GRAM_TILE {
-        return rows.transpose(0, 1).matmul(rows);
-    }
-    let k = (d + GRAM_TILE - 1) / GRAM_TILE;
+/// Column tiles of a d-wide Gram matrix: (start, width) of each.
+fn gram_tiles(d: i64) -> Vec<(i64, i64)> {
+    let k = ((d + GRAM_TILE - 1) / GRAM_TILE).max(1);
     let tile = (d + k - 1) / k;
-    let out = Tensor::empty([d, d], (rows.kind(), rows.device()));
-    let span = |i: i64| (i * tile, tile.min(d - i * tile));
-    for i in 0..k {
-        let (a0, an) = span(i);
+    (0..k).map(|i| (i * tile, tile.min(d - i * tile))).collect()
+}
+
+/// `acc += XᵀX` for `rows` (n, d), on the tiles on and above the diagonal
+/// only. XᵀX is symmetric, so a wide input is cut into k column tiles and
+/// k(k+1)/2 of the k² tile products are computed, accumulated in place
+/// (BLAS writes into the strided tile; no temporary): for down_proj's 4864
+/// inputs (k = 5) 60% of the full product's work, calibration's largest
+/// single cost. [`mirror_tiles`] fills in the rest.
+fn gram_add(acc: &mut Tensor, rows: &Tensor) {
+    let tiles = gram_tiles(rows.size()[1]);
+    for (i, &(a0, an)) in tiles.iter().enumerate() {
         let a_t = rows.narrow(1, a0, an).transpose(0, 1);
-        for j in i..k {
-            let (b0, bn) = span(j);
-            let block = a_t.matmul(&rows.narrow(1, b0, bn));
-            out.narrow(0, a0, an).narrow(1, b0, bn).copy_(&block);
-            if j > i {
-                out.narrow(0, b0, bn)
-                    .narrow(1, a0, an)
-                    .copy_(&block.transpose(0, 1));
-            }
+        for &(b0, bn) in &tiles[i..] {
+            let _ = acc
+                .narrow(0, a0, an)
+                .narrow(1, b0, bn)
+                .addmm_(&a_t, &rows.narrow(1, b0, bn));
+        }
+    }
+}
+
+/// The full symmetric matrix from [`gram_add`]'s upper tiles.
+fn mirror_tiles(acc: &Tensor) -> Tensor {
+    let out = acc.copy();
+    let tiles = gram_tiles(acc.size()[0]);
+    for (i, &(a0, an)) in tiles.iter().enumerate() {
+        for &(b0, bn) in &tiles[i + 1..] {
+            out.narrow(0, b0, bn)
+                .narrow(1, a0, an)
+                .copy_(&acc.narrow(0, a0, an).narrow(1, b0, bn).transpose(0, 1));
         }
     }
     out
@@ -283,7 +293,10 @@ mod tests {
         for d in [7, 1024, 1025, 2500] {
             let x = Tensor::randn([64, d], (Kind::Float, tch::Device::Cpu));
             let full = x.transpose(0, 1).matmul(&x);
-            let ours = gram(&x);
+            let mut acc = Tensor::zeros([d, d], (Kind::Float, tch::Device::Cpu));
+            gram_add(&mut acc, &x.narrow(0, 0, 40));
+            gram_add(&mut acc, &x.narrow(0, 40, 24));
+            let ours = mirror_tiles(&acc);
             let err = (&ours - &full).abs().max().double_value(&[]);
             let scale = full.abs().max().double_value(&[]);
             // Same dot products, possibly summed in another order.
