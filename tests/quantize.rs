@@ -243,6 +243,30 @@ fn bad_quantize_input_is_refused_before_work() {
         ),
         &["awq does not support 3-bit"],
     );
+    // Options that do not fit together.
+    for (args, needle) in [
+        (
+            &[
+                "--act-order",
+                "--order",
+                "group-aware",
+                "--group-size",
+                "32",
+            ][..],
+            "--act-order contradicts --order group-aware",
+        ),
+        (
+            &["--order", "group-aware", "--group-size", "-1"][..],
+            "--order group-aware needs groups",
+        ),
+        (
+            &["--method", "awq", "--mse", "--group-size", "32"][..],
+            "--mse applies to GPTQ and RTN",
+        ),
+    ] {
+        assert_error(&quantize(m, &out, args), &[needle]);
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
     // Too little calibration text for one window.
     let small = tmp.path().join("small.txt");
     std::fs::write(&small, "x = 1\n").unwrap();
