@@ -80,7 +80,7 @@ impl QuantizedX {
                 out.quantize_block_portable(&x[b * BLOCK..], b);
             }
             if has_avx512_vnni() {
-                out.arrange_pairs();
+                out.arrange_pairs(x.len());
             }
             return out;
         }
@@ -90,9 +90,10 @@ impl QuantizedX {
         out
     }
 
-    /// Fills `pairs` and `pair_d` (see the fields).
-    fn arrange_pairs(&mut self) {
-        let pairs = self.d.len() / 2;
+    /// Fills the AVX-512 layouts (see the fields) for the pairs of whole
+    /// blocks among the `len` values.
+    fn arrange_pairs(&mut self, len: usize) {
+        let pairs = len / (2 * BLOCK);
         self.pairs = vec![0; pairs * 2 * BLOCK];
         self.pair_d = vec![0.0; pairs * 16];
         self.pair_sums = vec![0.0; pairs * 4];
@@ -220,7 +221,7 @@ impl Int4Matrix {
                     // SAFETY: `pairs` exists only when the CPU has the
                     // AVX-512 features (and AVX2, FMA, F16C); `xq` covers
                     // the row's columns.
-                    out.set(r, unsafe { x86::int4_row_512(&row, &xq) });
+                    out.set(r, unsafe { x86::int4_row_512(&row, &xq, &group_sums) });
                     continue;
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -640,13 +641,13 @@ mod x86 {
     /// group on the previous addition: at groups of 32 that was ~15% of the
     /// kernel in perf). An odd last block goes the portable way.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn int4_row_512(row: &Int4Row, x: &QuantizedX) -> f32 {
+    pub unsafe fn int4_row_512(row: &Int4Row, x: &QuantizedX, group_sums: &[f32]) -> f32 {
         let per_group = row.group / BLOCK;
         let stride = HEADER + row.group / 2;
-        let blocks = row.data.len() / stride * per_group;
+        let groups = row.data.len() / stride;
+        let blocks = groups * per_group;
         let pairs = blocks / 2;
         debug_assert!(x.pairs.len() >= pairs * 2 * BLOCK && x.pair_d.len() >= pairs * 16);
-        let shift = per_group.trailing_zeros();
         let (base, xp, dp, sp) = (
             row.data.as_ptr(),
             x.pairs.as_ptr(),
@@ -654,71 +655,112 @@ mod x86 {
             x.pair_sums.as_ptr(),
         );
         let nibble = _mm512_set1_epi8(0x0F);
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
-        macro_rules! pair {
-            ($p:expr) => {{
-                let p = $p;
-                let (b0, b1) = (2 * p, 2 * p + 1);
-                let g0 = base.add((b0 >> shift) * stride);
-                let g1 = base.add((b1 >> shift) * stride);
-                let at0 = g0.add(HEADER + (b0 & (per_group - 1)) * 16);
-                let at1 = g1.add(HEADER + (b1 & (per_group - 1)) * 16);
-                _mm_prefetch::<_MM_HINT_T0>(at0.add(PREFETCH).cast());
-                let n = _mm256_inserti128_si256::<1>(
-                    _mm256_castsi128_si256(_mm_loadu_si128(at0.cast())),
-                    _mm_loadu_si128(at1.cast()),
-                );
+        // 32 nibble bytes [n_0 | n_1] → the pair's 64 weights in the order
+        // of `QuantizedX::pairs`, times those activations, in 16 i32 lanes.
+        macro_rules! dot {
+            ($n:expr, $p:expr) => {{
+                let n = $n;
                 let w = _mm512_and_si512(
                     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(n), _mm256_srli_epi16::<4>(n)),
                     nibble,
                 );
-                let dot = _mm512_dpbusd_epi32(
-                    _mm512_setzero_si512(),
-                    w,
-                    _mm512_loadu_si512(xp.add(p * 2 * BLOCK).cast()),
-                );
-                // [s_0, z_0, s_1, z_1] from the two headers (the same one
-                // when both blocks are in one group).
-                let headers =
-                    _mm_insert_epi32::<1>(load_u32(g0), g1.cast::<i32>().read_unaligned());
-                let sz = _mm_cvtph_ps(headers);
-                let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sz));
-                let szz = _mm_mul_ps(sz, _mm_movehdup_ps(sz));
-                (
-                    _mm512_cvtepi32_ps(dot),
-                    _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(p * 16))),
-                    szz,
-                    _mm_loadu_ps(sp.add(p * 4)),
-                )
+                let v = _mm512_loadu_si512(xp.add($p * 2 * BLOCK).cast());
+                _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, v))
             }};
         }
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let (mut zacc0, mut zacc1) = (_mm_setzero_ps(), _mm_setzero_ps());
-        let mut p = 0;
-        while p + 1 < pairs {
-            let (v0, k0, z0, t0) = pair!(p);
-            let (v1, k1, z1, t1) = pair!(p + 1);
-            acc0 = _mm512_fmadd_ps(v0, k0, acc0);
-            acc1 = _mm512_fmadd_ps(v1, k1, acc1);
-            zacc0 = _mm_fmadd_ps(z0, t0, zacc0);
-            zacc1 = _mm_fmadd_ps(z1, t1, zacc1);
-            p += 2;
-        }
-        if p < pairs {
-            let (v0, k0, z0, t0) = pair!(p);
-            acc0 = _mm512_fmadd_ps(v0, k0, acc0);
-            zacc0 = _mm_fmadd_ps(z0, t0, zacc0);
+        if per_group == 1 {
+            // Groups of 32: a pair is two groups, 40 bytes, two headers.
+            let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+            macro_rules! pair {
+                ($p:expr) => {{
+                    let p = $p;
+                    let g0 = base.add(2 * p * stride);
+                    let g1 = g0.add(stride);
+                    _mm_prefetch::<_MM_HINT_T0>(g0.add(PREFETCH).cast());
+                    let n = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(g0.add(HEADER).cast())),
+                        _mm_loadu_si128(g1.add(HEADER).cast()),
+                    );
+                    // [s_0, z_0, s_1, z_1]
+                    let headers =
+                        _mm_insert_epi32::<1>(load_u32(g0), g1.cast::<i32>().read_unaligned());
+                    let sz = _mm_cvtph_ps(headers);
+                    let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sz));
+                    (
+                        dot!(n, p),
+                        _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(p * 16))),
+                        _mm_mul_ps(sz, _mm_movehdup_ps(sz)),
+                        _mm_loadu_ps(sp.add(p * 4)),
+                    )
+                }};
+            }
+            let mut p = 0;
+            while p + 1 < pairs {
+                let (v0, k0, z0, t0) = pair!(p);
+                let (v1, k1, z1, t1) = pair!(p + 1);
+                acc0 = _mm512_fmadd_ps(v0, k0, acc0);
+                acc1 = _mm512_fmadd_ps(v1, k1, acc1);
+                zacc0 = _mm_fmadd_ps(z0, t0, zacc0);
+                zacc1 = _mm_fmadd_ps(z1, t1, zacc1);
+                p += 2;
+            }
+            if p < pairs {
+                let (v0, k0, z0, t0) = pair!(p);
+                acc0 = _mm512_fmadd_ps(v0, k0, acc0);
+                zacc0 = _mm_fmadd_ps(z0, t0, zacc0);
+            }
+        } else {
+            // Groups of 64 and more: one header, then whole pairs of blocks
+            // in 32 contiguous bytes each.
+            let pairs_per_group = per_group / 2;
+            for g in 0..groups {
+                let gp = base.add(g * stride);
+                let sz = _mm_cvtph_ps(load_u32(gp));
+                let s = _mm512_broadcastss_ps(sz);
+                zacc0 = _mm_fmadd_ps(
+                    _mm_mul_ps(sz, _mm_movehdup_ps(sz)),
+                    _mm_load_ss(&group_sums[g]),
+                    zacc0,
+                );
+                let first = g * pairs_per_group;
+                macro_rules! pair {
+                    ($k:expr) => {{
+                        let at = gp.add(HEADER + $k * 2 * 16);
+                        _mm_prefetch::<_MM_HINT_T0>(at.add(PREFETCH).cast());
+                        let v = dot!(_mm256_loadu_si256(at.cast()), first + $k);
+                        (
+                            v,
+                            _mm512_mul_ps(s, _mm512_loadu_ps(dp.add((first + $k) * 16))),
+                        )
+                    }};
+                }
+                let mut k = 0;
+                while k + 1 < pairs_per_group {
+                    let (v0, k0) = pair!(k);
+                    let (v1, k1) = pair!(k + 1);
+                    acc0 = _mm512_fmadd_ps(v0, k0, acc0);
+                    acc1 = _mm512_fmadd_ps(v1, k1, acc1);
+                    k += 2;
+                }
+                if k < pairs_per_group {
+                    let (v0, k0) = pair!(k);
+                    acc0 = _mm512_fmadd_ps(v0, k0, acc0);
+                }
+            }
         }
         let zacc = _mm_add_ps(zacc0, zacc1);
+        // Lanes 0 and 2 hold s·z·Σx (1 and 3 hold z²·0).
         let zacc = _mm_add_ps(zacc, _mm_movehl_ps(zacc, zacc));
         let mut zeros = _mm_cvtss_f32(zacc);
         let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
         if blocks % 2 == 1 {
+            // Only with groups of 32: the last group is the last block.
             let b = blocks - 1;
-            let group = base.add((b >> shift) * stride);
+            let group = base.add(b * stride);
             let s = half::f16::from_le_bytes([*group, *group.add(1)]).to_f32();
-            let bytes =
-                std::slice::from_raw_parts(group.add(HEADER + (b & (per_group - 1)) * 16), 16);
+            let bytes = std::slice::from_raw_parts(group.add(HEADER), 16);
             let xb = &x.q[b * BLOCK..(b + 1) * BLOCK];
             let isum: i32 = (0..16)
                 .map(|j| {
@@ -834,7 +876,13 @@ mod tests {
 
     #[test]
     fn int4_gemv_and_dequantize_match_the_definition() {
-        for (rows, cols, group) in [(70, 64, 32), (33, 256, 128), (5, 512, 256), (48, 96, 32)] {
+        for (rows, cols, group) in [
+            (70, 64, 32),
+            (33, 256, 128),
+            (5, 512, 256),
+            (48, 96, 32),
+            (9, 192, 64),
+        ] {
             let mut next = stream(rows as u64 * 7919 + cols as u64);
             let groups = cols / group;
             let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
@@ -900,7 +948,7 @@ mod tests {
                 if has_avx512_vnni() {
                     assert!(!xq.pairs.is_empty() || cols < 2 * BLOCK);
                     // SAFETY: as above.
-                    let y = rows_by(&|row| unsafe { x86::int4_row_512(row, &xq) });
+                    let y = rows_by(&|row| unsafe { x86::int4_row_512(row, &xq, &group_sums) });
                     check(&y, &w, &x, mag);
                 }
             }
@@ -934,6 +982,23 @@ mod tests {
             };
             check(&y, &w, &x, mag);
             check(&y_portable, &w, &x, mag);
+            #[cfg(target_arch = "x86_64")]
+            {
+                let rows_by = |f: &dyn Fn(&[i8]) -> f32| -> Vec<f32> {
+                    (0..rows)
+                        .map(|r| m.scales[r] * f(&m.q[r * cols..(r + 1) * cols]))
+                        .collect()
+                };
+                if has_avx2_fma_f16c() {
+                    // SAFETY: features checked; `xq` covers the columns.
+                    check(
+                        &rows_by(&|row| unsafe { x86::int8_dot(row, &xq) }),
+                        &w,
+                        &x,
+                        mag,
+                    );
+                }
+            }
         }
     }
 
@@ -967,5 +1032,86 @@ mod tests {
         assert_eq!(fast.q, portable.q);
         assert_eq!(fast.d, portable.d);
         assert_eq!(fast.sums, portable.sums);
+    }
+}
+
+/// Kernel timings on the shapes of Qwen2.5-Coder-0.5B (24 layers' linears at
+/// group 32, streamed from memory, and its 151,936 × 896 int8 head), for
+/// comparing kernel variants on the machine at hand; min over repetitions,
+/// which a noisy machine disturbs least. Not a test of anything:
+/// `cargo test --release --lib kernel_timings -- --ignored --nocapture`.
+#[cfg(all(test, target_arch = "x86_64"))]
+mod timings {
+    use super::*;
+    use std::time::Instant;
+
+    fn min_time(reps: usize, mut f: impl FnMut()) -> f64 {
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    #[test]
+    #[ignore]
+    fn kernel_timings() {
+        let (hidden, ffn, kv) = (896, 4864, 128);
+        let shapes = [
+            (hidden, hidden),
+            (kv, hidden),
+            (kv, hidden),
+            (hidden, hidden),
+            (ffn, hidden),
+            (ffn, hidden),
+            (hidden, ffn),
+        ];
+        let layers: Vec<Vec<Int4Matrix>> = (0..24)
+            .map(|_| {
+                shapes
+                    .iter()
+                    .map(|&(rows, cols)| {
+                        let q: Vec<u8> = (0..rows * cols).map(|i| (i * 7 % 16) as u8).collect();
+                        let g = rows * cols / 32;
+                        let s: Vec<f32> = (0..g).map(|i| 0.01 + (i % 13) as f32 * 1e-3).collect();
+                        let z: Vec<f32> = (0..g).map(|i| (i % 16) as f32).collect();
+                        Int4Matrix::new(&q, &s, &z, rows, cols, 32)
+                    })
+                    .collect()
+            })
+            .collect();
+        let x: Vec<f32> = (0..ffn)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let mut y = vec![0f32; ffn];
+        let all_layers = min_time(10, || {
+            for layer in &layers {
+                for m in layer {
+                    m.gemv(&x[..m.cols], &mut y[..m.rows]);
+                }
+            }
+        });
+        let head = Int8Matrix::new(
+            (0..151_936 * hidden)
+                .map(|i| (i * 31 % 255) as i8)
+                .collect(),
+            vec![0.01; 151_936],
+            151_936,
+            hidden,
+        );
+        let mut logits = vec![0f32; 151_936];
+        let head_time = min_time(10, || head.gemv(&x[..hidden], &mut logits));
+        let quantize = min_time(100, || {
+            std::hint::black_box(QuantizedX::new(&x));
+        });
+        println!(
+            "avx512 vnni: {}; 24 layers' int4 products {:.2} ms, int8 head {:.2} ms, one 4864-wide activation quantization {:.1} µs",
+            has_avx512_vnni(),
+            all_layers * 1e3,
+            head_time * 1e3,
+            quantize * 1e6
+        );
     }
 }
