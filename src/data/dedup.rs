@@ -121,7 +121,7 @@ pub type Signature = Vec<u32>;
 
 impl MinHasher {
     pub fn new(num_perm: usize, shingle_size: usize) -> Result<Self, MinHashError> {
-        if num_perm == 0 || num_perm % LANES != 0 {
+        if num_perm == 0 || !num_perm.is_multiple_of(LANES) {
             return Err(MinHashError::NumPerm(num_perm));
         }
         if shingle_size == 0 || shingle_size >= MAX_RING {

@@ -38,7 +38,7 @@ pub enum CodecError {
 
 /// Bytes of one row of `row_len` values stored as `ty`.
 pub fn row_bytes(ty: GgmlType, row_len: usize) -> Result<usize, CodecError> {
-    if row_len % ty.block_size() != 0 {
+    if !row_len.is_multiple_of(ty.block_size()) {
         return Err(CodecError::RowLength {
             ty,
             row_len,
@@ -56,7 +56,7 @@ fn check_sizes(
 ) -> Result<usize, CodecError> {
     let row_b = row_bytes(ty, row_len)?;
     let rows = values.checked_div(row_len).unwrap_or(0);
-    if row_len == 0 || values % row_len != 0 || bytes != rows * row_b {
+    if row_len == 0 || !values.is_multiple_of(row_len) || bytes != rows * row_b {
         return Err(CodecError::Size {
             ty,
             rows,

@@ -651,7 +651,7 @@ pub fn tensor_type(
         gguf_name == tensors::OUTPUT || (tied_embeddings && gguf_name == tensors::TOKEN_EMBD);
     let row_len = dims[0];
     if is_output {
-        if row_len % GgmlType::Q6K.block_size() as u64 != 0 {
+        if !row_len.is_multiple_of(GgmlType::Q6K.block_size() as u64) {
             ty = GgmlType::Q8_0;
         } else if base != GgmlType::Q8_0 {
             ty = GgmlType::Q6K;
@@ -669,14 +669,14 @@ pub fn tensor_type(
             }
         }
     }
-    if row_len % ty.block_size() as u64 != 0 {
+    if !row_len.is_multiple_of(ty.block_size() as u64) {
         ty = match ty {
             GgmlType::Q4K => GgmlType::Q5_0,
             GgmlType::Q5K => GgmlType::Q5_1,
             GgmlType::Q6K => GgmlType::Q8_0,
             other => other,
         };
-        if row_len % ty.block_size() as u64 != 0 {
+        if !row_len.is_multiple_of(ty.block_size() as u64) {
             ty = GgmlType::F16;
         }
     }

@@ -354,7 +354,7 @@ impl Header {
             None => DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) => {
                 let a = *a as u64;
-                if a == 0 || !a.is_power_of_two() || a % 8 != 0 {
+                if a == 0 || !a.is_power_of_two() || !a.is_multiple_of(8) {
                     return Err(ParseError::BadAlignment(a));
                 }
                 a
@@ -649,7 +649,7 @@ mod tests {
         }
         /// Pads to the 32-byte alignment and appends `n` data bytes.
         fn data(&mut self, n: usize) -> &mut Self {
-            while self.0.len() % 32 != 0 {
+            while !self.0.len().is_multiple_of(32) {
                 self.0.push(0);
             }
             self.0.extend(std::iter::repeat_n(0u8, n));

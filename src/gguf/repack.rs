@@ -46,7 +46,7 @@ pub enum RepackError {
 
 impl IntMatrix<'_> {
     fn check(&self) -> Result<usize, RepackError> {
-        if self.cols % BLOCK != 0 {
+        if !self.cols.is_multiple_of(BLOCK) {
             return Err(RepackError::Columns { cols: self.cols });
         }
         let groups = self.cols / BLOCK;

@@ -146,7 +146,7 @@ impl<W: Write> GgufWriter<W> {
             return Err(bad("declared twice".into()));
         }
         let n: u64 = dims.iter().product();
-        if dims[0] % ty.block_size() as u64 != 0 {
+        if !dims[0].is_multiple_of(ty.block_size() as u64) {
             return Err(bad(format!(
                 "row length {} is not a multiple of the {ty} block size {}",
                 dims[0],

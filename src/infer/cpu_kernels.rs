@@ -160,7 +160,7 @@ impl Int4Matrix {
         group: usize,
     ) -> Self {
         assert!(
-            group % BLOCK == 0 && group.is_power_of_two() && cols % group == 0,
+            group.is_multiple_of(BLOCK) && group.is_power_of_two() && cols.is_multiple_of(group),
             "group {group}, cols {cols}"
         );
         assert_eq!(q.len(), rows * cols);
@@ -715,13 +715,13 @@ mod x86 {
             // Groups of 64 and more: one header, then whole pairs of blocks
             // in 32 contiguous bytes each.
             let pairs_per_group = per_group / 2;
-            for g in 0..groups {
+            for (g, group_sum) in group_sums.iter().enumerate().take(groups) {
                 let gp = base.add(g * stride);
                 let sz = _mm_cvtph_ps(load_u32(gp));
                 let s = _mm512_broadcastss_ps(sz);
                 zacc0 = _mm_fmadd_ps(
                     _mm_mul_ps(sz, _mm_movehdup_ps(sz)),
-                    _mm_load_ss(&group_sums[g]),
+                    _mm_load_ss(group_sum),
                     zacc0,
                 );
                 let first = g * pairs_per_group;

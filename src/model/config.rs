@@ -217,19 +217,19 @@ impl ModelConfig {
             }
         }
         let n_kv = self.n_kv_heads();
-        if n_kv == 0 || self.num_attention_heads % n_kv != 0 {
+        if n_kv == 0 || !self.num_attention_heads.is_multiple_of(n_kv) {
             return Err(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({n_kv})",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "`hidden_size` ({}) is not a multiple of `num_attention_heads` ({}) and no `head_dim` is given",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "`head_dim` ({}) must be even for RoPE",
                 self.head_dim()
@@ -395,7 +395,7 @@ impl ModelConfig {
             .or(self.partial_rotary_factor)
             .unwrap_or(1.0);
         let dim = (self.head_dim() as f64 * partial) as usize;
-        if dim == 0 || dim % 2 != 0 || dim > self.head_dim() {
+        if dim == 0 || !dim.is_multiple_of(2) || dim > self.head_dim() {
             return Err(format!(
                 "rotary dimension {dim} is invalid for head_dim {}",
                 self.head_dim()

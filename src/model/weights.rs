@@ -320,7 +320,7 @@ impl Checkpoint {
         })?;
         let shape: Vec<i64> = meta.shape.iter().map(|&d| d as i64).collect();
         let elt = src_kind.elt_size_in_bytes();
-        let aligned = (bytes.as_ptr() as usize) % elt == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(elt);
         let src = if aligned && !bytes.is_empty() {
             // SAFETY: `bytes` lives in the mapping, which outlives `src`; `src`
             // is only read, and the `copy = true` conversion below detaches the

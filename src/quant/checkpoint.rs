@@ -255,7 +255,7 @@ pub fn read_linear(
     let (q, zeros, g_idx) = match format {
         QuantFormat::Gptq { bits, v2, .. } => {
             let b = bits as usize;
-            if (in_f * b) % 32 != 0 || (out_f * b) % 32 != 0 {
+            if !(in_f * b).is_multiple_of(32) || !(out_f * b).is_multiple_of(32) {
                 return Err(bad_shape("qweight"));
             }
             let qweight = read_i32(
@@ -291,7 +291,7 @@ pub fn read_linear(
             )
         }
         QuantFormat::Awq { .. } => {
-            if out_f % 8 != 0 {
+            if !out_f.is_multiple_of(8) {
                 return Err(bad_shape("qweight"));
             }
             let qweight = read_i32(ckpt, &name("qweight"), &[in_f as i64, (out_f / 8) as i64])?;

@@ -244,7 +244,7 @@ pub fn method_for(kind: MethodKind) -> Box<dyn Method> {
 pub fn suggest_group_sizes(in_features: usize, group: usize) -> String {
     let mut divisors: Vec<usize> = (1..=in_features / 32)
         .map(|k| k * 32)
-        .filter(|d| in_features % d == 0)
+        .filter(|d| in_features.is_multiple_of(*d))
         .collect();
     divisors.sort_by_key(|d| (*d as i64 - group as i64).abs());
     let picks: Vec<String> = divisors.iter().take(3).map(|d| d.to_string()).collect();

@@ -31,7 +31,7 @@ pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 /// words. `values.len() * bits` must be a multiple of 32.
 pub fn pack_stream(values: &[u32], bits: u32) -> Vec<u32> {
     let total_bits = values.len() * bits as usize;
-    debug_assert!(total_bits % 32 == 0, "stream of {total_bits} bits");
+    debug_assert!(total_bits.is_multiple_of(32), "stream of {total_bits} bits");
     let mut words = vec![0u32; total_bits / 32];
     let mask = (1u64 << bits) - 1;
     for (k, &v) in values.iter().enumerate() {

@@ -90,7 +90,10 @@ pub fn validate(config: &ModelConfig, spec: &QuantSpec) -> Result<(), QuantError
         }
         let packs = match spec.method {
             MethodKind::Awq => out_f % 8 == 0,
-            _ => (in_f * spec.bits as usize) % 32 == 0 && (out_f * spec.bits as usize) % 32 == 0,
+            _ => {
+                (in_f * spec.bits as usize).is_multiple_of(32)
+                    && (out_f * spec.bits as usize).is_multiple_of(32)
+            }
         };
         if !packs {
             return Err(QuantError::Bits {
