@@ -51,6 +51,9 @@ pub struct Int4Linear {
     /// Input column order that makes the groups contiguous (act-order).
     perm: Option<Tensor>,
     bias: Option<Tensor>,
+    /// `perm` and `bias` as the CPU matrix–vector path reads them.
+    perm_cpu: Option<Vec<usize>>,
+    bias_cpu: Option<Vec<f32>>,
     /// Activation dtype the kernel runs in.
     kind: Kind,
 }
@@ -164,6 +167,21 @@ impl Int4Linear {
                 group,
             ))
         };
+        let perm_cpu = match &perm {
+            Some(p) => Some(
+                Vec::<i64>::try_from(p.to_device(Device::Cpu))?
+                    .into_iter()
+                    .map(|i| i as usize)
+                    .collect(),
+            ),
+            None => None,
+        };
+        let bias_cpu = match &q.bias {
+            Some(b) => Some(Vec::<f32>::try_from(
+                b.to_kind(Kind::Float).to_device(Device::Cpu),
+            )?),
+            None => None,
+        };
         Ok(Self {
             kernel,
             group_size: group as i64,
@@ -171,6 +189,8 @@ impl Int4Linear {
             out_features: out_f,
             perm,
             bias: q.bias.as_ref().map(|b| b.to_kind(kind).to_device(device)),
+            perm_cpu,
+            bias_cpu,
             kind,
         })
     }
@@ -256,6 +276,26 @@ impl Linear for Int4Linear {
     }
     fn out_features(&self) -> i64 {
         self.out_features
+    }
+    fn has_matvec(&self) -> bool {
+        matches!(self.kernel, Int4Kernel::Cpu(_)) && self.kind == Kind::Float
+    }
+    fn matvec(&self, x: &[f32], y: &mut [f32]) {
+        let Int4Kernel::Cpu(m) = &self.kernel else {
+            unreachable!("matvec on a CUDA layer (check has_matvec)")
+        };
+        match &self.perm_cpu {
+            Some(perm) => {
+                let permuted: Vec<f32> = perm.iter().map(|&i| x[i]).collect();
+                m.gemv(&permuted, y);
+            }
+            None => m.gemv(x, y),
+        }
+        if let Some(b) = &self.bias_cpu {
+            for (y, b) in y.iter_mut().zip(b) {
+                *y += b;
+            }
+        }
     }
     fn dense_weight(&self) -> Option<&Tensor> {
         None

@@ -137,6 +137,126 @@ impl RmsNorm {
     }
 }
 
+/// A contiguous f32 CPU tensor's elements, in place.
+fn cpu_f32(t: &Tensor) -> Option<&[f32]> {
+    if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
+        return None;
+    }
+    let n = t.numel();
+    // SAFETY: contiguous f32 storage of `n` elements, alive as long as `t`.
+    Some(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, n) })
+}
+
+/// As [`cpu_f32`], writable. Panics unless `t` is a contiguous f32 CPU tensor.
+///
+/// # Safety
+/// No other reference to `t`'s elements may be used while the slice lives.
+#[allow(clippy::mut_from_ref)]
+unsafe fn cpu_f32_mut(t: &Tensor) -> &mut [f32] {
+    assert!(t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous());
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
+}
+
+/// `RmsNorm::forward` of one vector (f32).
+fn rms_norm_into(x: &[f32], norm: &RmsNorm, out: &mut [f32]) {
+    let weight = cpu_f32(&norm.weight).expect("checked by can_decode_one");
+    let variance = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (variance + norm.eps as f32).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = w * (v * inv);
+    }
+}
+
+/// `apply_rotary` on one head: the first `cos.len()` features rotated.
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len() / 2;
+    let (x1, x2): (Vec<f32>, Vec<f32>) = (head[..half].to_vec(), head[half..2 * half].to_vec());
+    for i in 0..half {
+        head[i] = x1[i] * cos[i] - x2[i] * sin[i];
+        head[half + i] = x2[i] * cos[half + i] + x1[i] * sin[half + i];
+    }
+}
+
+/// Dot product in eight lanes (vectorised by the compiler).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// One query head's attention over its cached keys and values (rows of
+/// `head_dim`): softmax(q·kᵀ·scale)·v into `out`; `scores` has a slot per key.
+/// Compiled twice: with AVX2+FMA where the CPU has them (the crate is built
+/// for baseline x86-64, whose SSE2 code ran these loops at a quarter of the
+/// width), else as is.
+fn attend_one(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[inline(always)]
+    fn body(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let head_dim = q.len();
+        for (s, key) in scores.iter_mut().zip(keys.chunks_exact(head_dim)) {
+            *s = dot(q, key) * scale;
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        out.fill(0.0);
+        for (s, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
+            let p = s / total;
+            for (o, v) in out.iter_mut().zip(value) {
+                *o += p * v;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide(
+            q: &[f32],
+            keys: &[f32],
+            values: &[f32],
+            scale: f32,
+            scores: &mut [f32],
+            out: &mut [f32],
+        ) {
+            body(q, keys, values, scale, scores, out)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { wide(q, keys, values, scale, scores, out) };
+        }
+    }
+    body(q, keys, values, scale, scores, out)
+}
+
 /// Rotary position embedding, with the frequency schedules of transformers'
 /// `modeling_rope_utils.py` (default, linear, llama3, yarn) computed in f32
 /// the same way.
@@ -607,6 +727,116 @@ impl DecoderLayer {
         &x + h
     }
 
+    /// Whether [`DecoderLayer::decode_one`] can run this layer: every
+    /// linear has a CPU matrix–vector kernel and the norms are f32 on the CPU.
+    fn can_decode_one(&self) -> bool {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .all(|l| l.has_matvec())
+            && [
+                Some(&self.input_layernorm),
+                Some(&self.post_attention_layernorm),
+                a.q_norm.as_ref(),
+                a.k_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .all(|n| cpu_f32(&n.weight).is_some())
+    }
+
+    /// `forward` for one token of one sequence, on raw f32 slices: the same
+    /// arithmetic (f32, the same op order up to the summation order inside
+    /// norms and attention) without libtorch, whose ~100 small-op dispatches
+    /// per layer were a quarter of a 4-bit decode step (perf). `x` is the
+    /// residual stream (hidden) and is updated in place; `cos`/`sin` are the
+    /// rotary tables at position `pos`, which the cache (f32, CPU) fills.
+    fn decode_one(
+        &self,
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        cache: &mut KvCache,
+        layer: usize,
+    ) {
+        let a = &self.self_attn;
+        let (n_heads, n_kv, head_dim) = (
+            a.n_heads as usize,
+            a.n_kv_heads as usize,
+            a.head_dim as usize,
+        );
+        let pos = cache.len;
+        let mut h = vec![0f32; x.len()];
+        rms_norm_into(x, &self.input_layernorm, &mut h);
+        let mut q = vec![0f32; n_heads * head_dim];
+        let mut k = vec![0f32; n_kv * head_dim];
+        let mut v = vec![0f32; n_kv * head_dim];
+        a.q_proj.matvec(&h, &mut q);
+        a.k_proj.matvec(&h, &mut k);
+        a.v_proj.matvec(&h, &mut v);
+        for (heads, norm) in [(&mut q, &a.q_norm), (&mut k, &a.k_norm)] {
+            for head in heads.chunks_exact_mut(head_dim) {
+                if let Some(norm) = norm {
+                    let copy = head.to_vec();
+                    rms_norm_into(&copy, norm, head);
+                }
+                rotate(head, cos, sin);
+            }
+        }
+        // The cache: (1, n_kv, capacity, head_dim) each.
+        let capacity = cache.capacity;
+        let (k_cache, v_cache) = &cache.layers[layer];
+        // SAFETY: `forward_hidden` checked both are contiguous f32 CPU
+        // tensors of this shape; nothing else touches them during the step.
+        let (kc, vc) = unsafe { (cpu_f32_mut(k_cache), cpu_f32_mut(v_cache)) };
+        for g in 0..n_kv {
+            let at = (g * capacity + pos) * head_dim;
+            kc[at..at + head_dim].copy_from_slice(&k[g * head_dim..(g + 1) * head_dim]);
+            vc[at..at + head_dim].copy_from_slice(&v[g * head_dim..(g + 1) * head_dim]);
+        }
+        // transformers' sliding window: key kept when q - k < window.
+        let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let scale = (head_dim as f32).powf(-0.5);
+        let n_rep = n_heads / n_kv;
+        let mut attn = vec![0f32; n_heads * head_dim];
+        let mut scores = vec![0f32; pos + 1 - first];
+        for (hq, out) in attn.chunks_exact_mut(head_dim).enumerate() {
+            let g = hq / n_rep;
+            let span = (g * capacity + first) * head_dim..(g * capacity + pos + 1) * head_dim;
+            let qh = &q[hq * head_dim..(hq + 1) * head_dim];
+            attend_one(qh, &kc[span.clone()], &vc[span], scale, &mut scores, out);
+        }
+        let mut o = vec![0f32; x.len()];
+        a.o_proj.matvec(&attn, &mut o);
+        for (x, o) in x.iter_mut().zip(&o) {
+            *x += o;
+        }
+        rms_norm_into(x, &self.post_attention_layernorm, &mut h);
+        let m = &self.mlp;
+        let ffn = m.gate_proj.out_features() as usize;
+        let mut gate = vec![0f32; ffn];
+        let mut up = vec![0f32; ffn];
+        m.gate_proj.matvec(&h, &mut gate);
+        m.up_proj.matvec(&h, &mut up);
+        for (g, u) in gate.iter_mut().zip(&up) {
+            // silu(g)·u
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        m.down_proj.matvec(&gate, &mut o);
+        for (x, o) in x.iter_mut().zip(&o) {
+            *x += o;
+        }
+    }
+
     /// The attention block alone, from the residual stream: self_attn(input_layernorm(x)).
     pub fn attention_block(&self, x: &Tensor, ctx: &StepContext) -> Tensor {
         let h = self.input_layernorm.forward(x);
@@ -925,6 +1155,12 @@ impl CausalLm {
                 });
             }
         }
+        if let Some(cache) = cache.as_deref_mut() {
+            if let Some(x) = self.decode_one(input_ids, cache)? {
+                cache.len = end;
+                return Ok(self.norm.forward(&x));
+            }
+        }
         let ids = input_ids.to_device(self.opts.device);
         let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
         let ctx = self.positional.context(b, s, past);
@@ -935,6 +1171,70 @@ impl CausalLm {
             cache.len = end;
         }
         Ok(self.norm.forward(&x))
+    }
+
+    /// Whether one-token decode steps run on raw slices (every linear on a
+    /// CPU matrix–vector kernel, f32 weights on the CPU); see `decode_one`.
+    pub fn decodes_on_slices(&self) -> bool {
+        cpu_f32(&self.embed_tokens).is_some()
+            && self.layers.iter().all(DecoderLayer::can_decode_one)
+    }
+
+    /// One token of one sequence through the layers on raw slices
+    /// (`DecoderLayer::decode_one`), when every layer can and the KV cache is
+    /// short enough for its single-threaded attention (longer caches use
+    /// libtorch's); the hidden states before the final norm, (1, 1, hidden).
+    /// `None` when this step must take the libtorch path.
+    fn decode_one(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>, ModelError> {
+        /// Beyond this many cached positions attention reads more than the
+        /// layer's weights, and libtorch's parallel attention wins.
+        const MAX_KV: usize = 2048;
+        if input_ids.size() != [1, 1] || cache.len >= MAX_KV || !self.decodes_on_slices() {
+            return Ok(None);
+        }
+        let Some(embed) = cpu_f32(&self.embed_tokens) else {
+            return Ok(None);
+        };
+        let shape = [
+            1,
+            self.config.n_kv_heads() as i64,
+            cache.capacity as i64,
+            self.config.head_dim() as i64,
+        ];
+        let cache_ok = cache.layers.iter().all(|(k, v)| {
+            [k, v]
+                .iter()
+                .all(|t| t.size() == shape && cpu_f32(t).is_some())
+        });
+        if !cache_ok {
+            return Ok(None);
+        }
+        let hidden = self.config.hidden_size;
+        let id = input_ids.int64_value(&[0, 0]);
+        let vocab = self.embed_tokens.size()[0];
+        if !(0..vocab).contains(&id) {
+            return Err(ModelError::Torch(tch::TchError::Torch(format!(
+                "token id {id} outside the vocabulary (0..{vocab})"
+            ))));
+        }
+        let mut x = embed[id as usize * hidden..(id as usize + 1) * hidden].to_vec();
+        let ctx = self.positional.context(1, 1, cache.len as i64);
+        let (cos, sin) = (
+            ctx.cos_sin.0.to_kind(Kind::Float).contiguous(),
+            ctx.cos_sin.1.to_kind(Kind::Float).contiguous(),
+        );
+        let (cos, sin) = (
+            cpu_f32(&cos).expect("a CPU f32 table"),
+            cpu_f32(&sin).expect("a CPU f32 table"),
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.decode_one(&mut x, cos, sin, cache, i);
+        }
+        Ok(Some(Tensor::from_slice(&x).view([1, 1, hidden as i64])))
     }
 
     /// A training pass with gradient checkpointing: the layers run once

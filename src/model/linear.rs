@@ -12,6 +12,17 @@ pub trait Linear: std::fmt::Debug + Send {
     /// The dense weight (out_features, in_features), when the layer has one.
     fn dense_weight(&self) -> Option<&Tensor>;
     fn bias(&self) -> Option<&Tensor>;
+    /// Whether [`Linear::matvec`] runs: layers with a CPU kernel for one
+    /// vector (the int4 fast path), which the batch-1 decode step calls
+    /// without going through libtorch.
+    fn has_matvec(&self) -> bool {
+        false
+    }
+    /// `y = W·x + b` for one f32 vector `x` (in_features) into `y`
+    /// (out_features), when `has_matvec`.
+    fn matvec(&self, _x: &[f32], _y: &mut [f32]) {
+        unreachable!("matvec called on a layer without one (check has_matvec)")
+    }
 }
 
 /// `y = x Wᵀ + b`, as `torch.nn.Linear`.
