@@ -24,9 +24,15 @@
 //! one stream per row, 20 bytes per 32 weights at group 32. With
 //! `w = s·(q − z)`, `y = Σ_g s_g·(q_g·x_g) − Σ_g s_g·z_g·Σ x_g`.
 //!
-//! Measured (0.5B, group 32, 2 threads, `qcoder generate`): 14.4 tok/s with
-//! f32 activations and rayon, 20.9 with all of the above
-//! (`scripts/bench/decode`).
+//! Where the CPU has AVX-512 VNNI, the int4 products take two blocks per
+//! `vpdpbusd` instead (`x86::int4_row_512`, activations pre-arranged to
+//! match once per product).
+//!
+//! Measured with `scripts/bench/decode` (0.5B, group 32, 2 threads): on an
+//! AVX2 machine 14.4 tok/s with f32 activations and rayon, 20.9 with int8
+//! activations and the team (0.63× llama.cpp Q4_0); on an AVX-512 machine
+//! 0.50× llama.cpp before the VNNI kernel and the raw-slice decode step,
+//! 0.77× after (BENCHMARKS.md).
 
 use super::team::Team;
 use half::f16;
