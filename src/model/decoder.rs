@@ -759,7 +759,8 @@ impl DecoderLayer {
     /// norms and attention) without libtorch, whose ~100 small-op dispatches
     /// per layer were a quarter of a 4-bit decode step (perf). `x` is the
     /// residual stream (hidden) and is updated in place; `cos`/`sin` are the
-    /// rotary tables at position `pos`, which the cache (f32, CPU) fills.
+    /// rotary tables at the cache's next position, where this token's keys
+    /// and values go (the cache is f32 on the CPU, checked by the caller).
     fn decode_one(
         &self,
         x: &mut [f32],
@@ -1190,8 +1191,9 @@ impl CausalLm {
         input_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Result<Option<Tensor>, ModelError> {
-        /// Beyond this many cached positions attention reads more than the
-        /// layer's weights, and libtorch's parallel attention wins.
+        /// The raw step's attention runs on one thread; past this many
+        /// cached positions libtorch's parallel attention takes over (a
+        /// cautious bound: the crossover was not measured).
         const MAX_KV: usize = 2048;
         if input_ids.size() != [1, 1] || cache.len >= MAX_KV || !self.decodes_on_slices() {
             return Ok(None);
