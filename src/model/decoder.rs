@@ -159,21 +159,35 @@ unsafe fn cpu_f32_mut(t: &Tensor) -> &mut [f32] {
 
 /// `RmsNorm::forward` of one vector (f32).
 fn rms_norm_into(x: &[f32], norm: &RmsNorm, out: &mut [f32]) {
+    let inv = rms_inverse(x, norm);
     let weight = cpu_f32(&norm.weight).expect("checked by can_decode_one");
-    let variance = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (variance + norm.eps as f32).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
         *o = w * (v * inv);
     }
 }
 
+/// `rms_norm_into` with `x` as the output (the Qwen3 q/k norms, per head).
+fn rms_norm_in_place(x: &mut [f32], norm: &RmsNorm) {
+    let inv = rms_inverse(x, norm);
+    let weight = cpu_f32(&norm.weight).expect("checked by can_decode_one");
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = w * (*v * inv);
+    }
+}
+
+/// `1/√(mean(x²) + eps)`.
+fn rms_inverse(x: &[f32], norm: &RmsNorm) -> f32 {
+    let variance = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (variance + norm.eps as f32).sqrt()
+}
+
 /// `apply_rotary` on one head: the first `cos.len()` features rotated.
 fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len() / 2;
-    let (x1, x2): (Vec<f32>, Vec<f32>) = (head[..half].to_vec(), head[half..2 * half].to_vec());
     for i in 0..half {
-        head[i] = x1[i] * cos[i] - x2[i] * sin[i];
-        head[half + i] = x2[i] * cos[half + i] + x1[i] * sin[half + i];
+        let (x1, x2) = (head[i], head[half + i]);
+        head[i] = x1 * cos[i] - x2 * sin[i];
+        head[half + i] = x2 * cos[half + i] + x1 * sin[half + i];
     }
 }
 
@@ -787,8 +801,7 @@ impl DecoderLayer {
         for (heads, norm) in [(&mut q, &a.q_norm), (&mut k, &a.k_norm)] {
             for head in heads.chunks_exact_mut(head_dim) {
                 if let Some(norm) = norm {
-                    let copy = head.to_vec();
-                    rms_norm_into(&copy, norm, head);
+                    rms_norm_in_place(head, norm);
                 }
                 rotate(head, cos, sin);
             }

@@ -62,8 +62,8 @@ const SCALE_GROUPS: &[ScaleGroup] = &[
         linears: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         inspect: Inspect::Attention,
     },
-    // Only when v_proj and o_proj have the same shape (no grouped-query
-    // attention), as AutoAWQ.
+    // Only when v_proj has as many outputs as o_proj has inputs (no
+    // grouped-query attention), as AutoAWQ.
     ScaleGroup {
         prev: Prev::Linear("self_attn.v_proj"),
         linears: &["self_attn.o_proj"],
