@@ -17,16 +17,16 @@
 //! rounding, at most half a step `d_b = max|x_b|/127` per element, so
 //! `|Δy_r| ≤ Σ_b d_b/2 · Σ_{j∈b} |w_rj|` (the unit tests assert this bound).
 //!
-//! Int4 layout: per row, per group, a 4-byte header (the group's scale `s`
-//! and zero `z` as f16) then the group's blocks of 32 consecutive columns in
-//! 16 bytes each, byte `j` holding column `j` in its low nibble and column
-//! `j + 16` in its high one (the arrangement of llama.cpp's Q4_0 blocks):
-//! one stream per row, 20 bytes per 32 weights at group 32. With
+//! Int4 layout: rows in tiles of eight, per tile and group a header (the
+//! eight rows' scales `s`, then their zeros `z`, as f16) and the group's
+//! blocks of 32 columns, 128 bytes each, arranged so that one 32-byte load
+//! holds four consecutive weights of every row of the tile (`nibble_place`):
+//! the AVX2 kernel multiplies them with four activations broadcast to all
+//! lanes, and the eight rows' sums come out one per lane, without the
+//! per-row horizontal sums, scale broadcasts and unpacking shuffles a row at
+//! a time needs (the idea of llama.cpp's repacked `q4_0_8x8` layout). One
+//! stream per tile, 20 bytes per 32 weights at group 32. With
 //! `w = s·(q − z)`, `y = Σ_g s_g·(q_g·x_g) − Σ_g s_g·z_g·Σ x_g`.
-//!
-//! Where the CPU has AVX-512 VNNI, the int4 products take two blocks per
-//! `vpdpbusd` instead (`x86::int4_row_512`, activations pre-arranged to
-//! match once per product).
 //!
 //! Measured with `scripts/bench/decode` (0.5B, group 32, 2 threads): on an
 //! AVX2 machine 14.4 tok/s with f32 activations and rayon, 20.9 with int8
@@ -52,16 +52,6 @@ struct QuantizedX {
     d: Vec<f32>,
     /// `d[b]·Σ_j q[32b + j]`: the block's sum as the kernels see it.
     sums: Vec<f32>,
-    /// For the AVX-512 kernels (empty without them): the blocks in pairs
-    /// `(2p, 2p+1)` rearranged as the int4 kernel's 64 weights of a pair
-    /// unpack, `[x_2p[0..16], x_2p+1[0..16], x_2p[16..32], x_2p+1[16..32]]`,
-    /// and the pair's scales per i32 lane of that product,
-    /// `[d_2p ×4, d_2p+1 ×4, d_2p ×4, d_2p+1 ×4]`.
-    pairs: Vec<i8>,
-    pair_d: Vec<f32>,
-    /// Per pair `[sums_2p, 0, sums_2p+1, 0]`: the blocks' sums where the
-    /// int4 kernel's `[s_0, z_0, s_1, z_1]·[z_0, z_0, z_1, z_1]` has `s·z`.
-    pair_sums: Vec<f32>,
 }
 
 impl QuantizedX {
@@ -71,9 +61,6 @@ impl QuantizedX {
             q: vec![0i8; blocks * BLOCK],
             d: vec![0f32; blocks],
             sums: vec![0f32; blocks],
-            pairs: Vec::new(),
-            pair_d: Vec::new(),
-            pair_sums: Vec::new(),
         };
         let full = x.len() / BLOCK;
         #[cfg(target_arch = "x86_64")]
@@ -85,9 +72,6 @@ impl QuantizedX {
             for b in full..blocks {
                 out.quantize_block_portable(&x[b * BLOCK..], b);
             }
-            if has_avx512_vnni() {
-                out.arrange_pairs(x.len());
-            }
             return out;
         }
         for b in 0..blocks {
@@ -96,29 +80,12 @@ impl QuantizedX {
         out
     }
 
-    /// Fills the AVX-512 layouts (see the fields) for the pairs of whole
-    /// blocks among the `len` values.
-    fn arrange_pairs(&mut self, len: usize) {
-        let pairs = len / (2 * BLOCK);
-        self.pairs = vec![0; pairs * 2 * BLOCK];
-        self.pair_d = vec![0.0; pairs * 16];
-        self.pair_sums = vec![0.0; pairs * 4];
-        for p in 0..pairs {
-            let (x0, x1) = (
-                &self.q[2 * p * BLOCK..(2 * p + 1) * BLOCK],
-                &self.q[(2 * p + 1) * BLOCK..(2 * p + 2) * BLOCK],
-            );
-            let out = &mut self.pairs[p * 2 * BLOCK..(p + 1) * 2 * BLOCK];
-            out[..16].copy_from_slice(&x0[..16]);
-            out[16..32].copy_from_slice(&x1[..16]);
-            out[32..48].copy_from_slice(&x0[16..]);
-            out[48..].copy_from_slice(&x1[16..]);
-            for (lane, d) in self.pair_d[p * 16..(p + 1) * 16].iter_mut().enumerate() {
-                *d = self.d[2 * p + (lane / 4) % 2];
-            }
-            self.pair_sums[p * 4] = self.sums[2 * p];
-            self.pair_sums[p * 4 + 2] = self.sums[2 * p + 1];
-        }
+    /// `Σx` per group of `group` columns (a multiple of [`BLOCK`]).
+    fn group_sums(&self, group: usize) -> Vec<f32> {
+        self.sums
+            .chunks(group / BLOCK)
+            .map(|g| g.iter().sum())
+            .collect()
     }
 
     /// Block `b` from `x` (its first up to 32 values).
@@ -138,11 +105,35 @@ impl QuantizedX {
     }
 }
 
-/// Bytes before each group's nibbles: its scale and zero as f16.
-const HEADER: usize = 4;
+/// Rows per tile of the int4 layout: one AVX2 register holds one i32 or f32
+/// lane per row.
+const TILE: usize = 8;
 
-/// A 4-bit matrix in the layout above: per row, per group, the group's
-/// header then its blocks, one stream the CPU prefetches in order.
+/// Bytes before each group of a tile: its rows' scales, then their zeros,
+/// as f16.
+const HEADER: usize = 4 * TILE;
+
+/// Bytes of one block of a tile: `TILE` rows × 32 columns of nibbles.
+const TILE_BLOCK: usize = TILE * BLOCK / 2;
+
+/// The byte of a tile's block holding row `r`, column `c` (`0..32`) of the
+/// block, and whether it is in the high nibble. The block is four 32-byte
+/// chunks; in chunk `k`, bytes `4r..4r+4` hold row `r`'s columns
+/// `8k..8k+4` in their low nibbles and `8k+4..8k+8` in their high ones.
+/// So one 32-byte load and a mask give a vector whose i32 lane `r` is four
+/// consecutive weights of row `r`: multiplied (`maddubs`) with those four
+/// activations broadcast to every lane, all eight rows advance together and
+/// the sums come out one lane per row, with no horizontal additions.
+#[inline(always)]
+fn nibble_place(r: usize, c: usize) -> (usize, bool) {
+    let (chunk, within) = (c / 8, c % 8);
+    (32 * chunk + 4 * r + within % 4, within >= 4)
+}
+
+/// A 4-bit matrix in tiles of [`TILE`] rows (the last tile padded with zero
+/// rows): per tile, per group, the group's [`HEADER`] then its blocks of
+/// [`TILE_BLOCK`] bytes (see [`nibble_place`]); each tile is one stream the
+/// CPU prefetches in order, 20 bytes per 32 weights at group 32.
 #[derive(Debug)]
 pub struct Int4Matrix {
     rows: usize,
@@ -154,9 +145,9 @@ pub struct Int4Matrix {
 impl Int4Matrix {
     /// From row-major integers `q` (`rows × cols`, each in `0..16`) and per
     /// row, per group `scales` and `zeros` (`rows × cols/group`, row-major).
-    /// `group` must be a power of two, a multiple of 32, dividing `cols`.
-    /// Scales and zeros are kept as f16: exact for GPTQ and AWQ checkpoints,
-    /// whose scales are f16 and zeros small integers.
+    /// `group` must be a multiple of 32 dividing `cols`. Scales and zeros
+    /// are kept as f16: exact for GPTQ and AWQ checkpoints, whose scales are
+    /// f16 and zeros small integers.
     pub fn new(
         q: &[u8],
         scales: &[f32],
@@ -166,42 +157,64 @@ impl Int4Matrix {
         group: usize,
     ) -> Self {
         assert!(
-            group.is_multiple_of(BLOCK) && group.is_power_of_two() && cols.is_multiple_of(group),
+            group.is_multiple_of(BLOCK) && group > 0 && cols.is_multiple_of(group),
             "group {group}, cols {cols}"
         );
         assert_eq!(q.len(), rows * cols);
         let groups = cols / group;
         assert_eq!(scales.len(), rows * groups);
         assert_eq!(zeros.len(), rows * groups);
-        let stride = HEADER + group / 2;
-        let mut data = vec![0u8; rows * groups * stride];
-        data.par_chunks_mut(stride)
-            .zip(q.par_chunks(group))
-            .zip(scales.par_iter().zip(zeros))
-            .for_each(|((out, ints), (&s, &z))| {
-                out[..2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
-                out[2..4].copy_from_slice(&f16::from_f32(z).to_le_bytes());
-                for (block_out, block) in out[HEADER..]
-                    .chunks_exact_mut(16)
-                    .zip(ints.chunks_exact(BLOCK))
-                {
-                    for j in 0..16 {
-                        block_out[j] = (block[j] & 15) | ((block[j + 16] & 15) << 4);
-                    }
-                }
-            });
-        Self {
+        let mut m = Self {
             rows,
             cols,
             group,
-            data,
-        }
+            data: Vec::new(),
+        };
+        let (tile_bytes, group_bytes) = (m.tile_bytes(), m.group_bytes());
+        let mut data = vec![0u8; rows.div_ceil(TILE) * tile_bytes];
+        data.par_chunks_mut(tile_bytes)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for (g, out) in tile.chunks_exact_mut(group_bytes).enumerate() {
+                    for r in 0..TILE.min(rows - t * TILE) {
+                        let row = t * TILE + r;
+                        let (s, z) = (scales[row * groups + g], zeros[row * groups + g]);
+                        out[2 * r..2 * r + 2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
+                        out[2 * (TILE + r)..2 * (TILE + r) + 2]
+                            .copy_from_slice(&f16::from_f32(z).to_le_bytes());
+                        let ints = &q[row * cols + g * group..][..group];
+                        for (block_out, block) in out[HEADER..]
+                            .chunks_exact_mut(TILE_BLOCK)
+                            .zip(ints.chunks_exact(BLOCK))
+                        {
+                            for (c, &v) in block.iter().enumerate() {
+                                let (at, high) = nibble_place(r, c);
+                                block_out[at] |= if high { (v & 15) << 4 } else { v & 15 };
+                            }
+                        }
+                    }
+                }
+            });
+        m.data = data;
+        m
     }
 
-    fn row(&self, r: usize) -> Int4Row<'_> {
-        let bytes = self.cols / self.group * (HEADER + self.group / 2);
-        Int4Row {
-            data: &self.data[r * bytes..(r + 1) * bytes],
+    fn group_bytes(&self) -> usize {
+        HEADER + self.group / BLOCK * TILE_BLOCK
+    }
+
+    fn tile_bytes(&self) -> usize {
+        self.cols / self.group * self.group_bytes()
+    }
+
+    fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE)
+    }
+
+    fn tile(&self, t: usize) -> Int4Tile<'_> {
+        let bytes = self.tile_bytes();
+        Int4Tile {
+            data: &self.data[t * bytes..(t + 1) * bytes],
             group: self.group,
         }
     }
@@ -211,34 +224,14 @@ impl Int4Matrix {
         assert_eq!(x.len(), self.cols);
         assert_eq!(y.len(), self.rows);
         let xq = QuantizedX::new(x);
-        let group_sums: Vec<f32> = xq
-            .sums
-            .chunks_exact(self.group / BLOCK)
-            .map(|g| g.iter().sum())
-            .collect();
-        let avx2 = has_avx2_fma_f16c();
-        let avx512 = !xq.pairs.is_empty();
+        let group_sums = xq.group_sums(self.group);
+        let kernel = Int4Kernel::best();
         let out = RowsOut::new(y);
-        Team::global().run(self.rows.div_ceil(ROWS_PER_TASK), &|task| {
-            for r in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(self.rows) {
-                let row = self.row(r);
-                #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    // SAFETY: `pairs` exists only when the CPU has the
-                    // AVX-512 features (and AVX2, FMA, F16C); `xq` covers
-                    // the row's columns.
-                    out.set(r, unsafe { x86::int4_row_512(&row, &xq, &group_sums) });
-                    continue;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the CPU has AVX2, FMA and F16C (checked
-                    // above); `xq` covers the row's columns.
-                    out.set(r, unsafe { x86::int4_row(&row, &xq, &group_sums) });
-                    continue;
-                }
-                let _ = avx2;
-                out.set(r, row.dot_portable(&xq) + row.min_term(&group_sums));
+        let per_task = ROWS_PER_TASK / TILE;
+        Team::global().run(self.tiles().div_ceil(per_task), &|task| {
+            for t in task * per_task..((task + 1) * per_task).min(self.tiles()) {
+                let v = self.tile(t).product(kernel, &xq, &group_sums);
+                out.set_from(t * TILE, &v);
             }
         });
     }
@@ -247,18 +240,19 @@ impl Int4Matrix {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols)
             .enumerate()
-            .for_each(|(r, row_out)| {
-                for ((s, z, nibbles), out) in self
-                    .row(r)
+            .for_each(|(row, row_out)| {
+                let r = row % TILE;
+                for ((s, z, blocks), out) in self
+                    .tile(row / TILE)
                     .groups()
                     .zip(row_out.chunks_exact_mut(self.group))
                 {
-                    for (block_out, block) in
-                        out.chunks_exact_mut(BLOCK).zip(nibbles.chunks_exact(16))
+                    for (block_out, block) in out
+                        .chunks_exact_mut(BLOCK)
+                        .zip(blocks.chunks_exact(TILE_BLOCK))
                     {
-                        for j in 0..16 {
-                            block_out[j] = s * (f32::from(block[j] & 15) - z);
-                            block_out[j + 16] = s * (f32::from(block[j] >> 4) - z);
+                        for (c, o) in block_out.iter_mut().enumerate() {
+                            *o = s[r] * (f32::from(nibble(block, r, c)) - z[r]);
                         }
                     }
                 }
@@ -267,51 +261,86 @@ impl Int4Matrix {
     }
 }
 
-/// One row of an [`Int4Matrix`].
-struct Int4Row<'a> {
+/// Row `r`, column `c` of a tile's block.
+#[inline(always)]
+fn nibble(block: &[u8], r: usize, c: usize) -> u8 {
+    let (at, high) = nibble_place(r, c);
+    if high {
+        block[at] >> 4
+    } else {
+        block[at] & 15
+    }
+}
+
+/// The int4 products' implementations; `best` is what this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Int4Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Int4Kernel {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma_f16c() {
+            return Self::Avx2;
+        }
+        Self::Portable
+    }
+}
+
+/// One tile of an [`Int4Matrix`].
+struct Int4Tile<'a> {
     data: &'a [u8],
     group: usize,
 }
 
-impl Int4Row<'_> {
-    /// Per group: scale, zero and nibbles.
-    fn groups(&self) -> impl Iterator<Item = (f32, f32, &[u8])> {
-        self.data.chunks_exact(HEADER + self.group / 2).map(|g| {
-            let s = f16::from_le_bytes([g[0], g[1]]).to_f32();
-            let z = f16::from_le_bytes([g[2], g[3]]).to_f32();
-            (s, z, &g[HEADER..])
-        })
+impl Int4Tile<'_> {
+    /// Per group: the rows' scales and zeros, and the group's blocks.
+    fn groups(&self) -> impl Iterator<Item = ([f32; TILE], [f32; TILE], &[u8])> {
+        self.data
+            .chunks_exact(HEADER + self.group / BLOCK * TILE_BLOCK)
+            .map(|g| {
+                let half = |at: usize| f16::from_le_bytes([g[at], g[at + 1]]).to_f32();
+                let s = std::array::from_fn(|r| half(2 * r));
+                let z = std::array::from_fn(|r| half(2 * (TILE + r)));
+                (s, z, &g[HEADER..])
+            })
     }
 
-    /// `Σ_g s_g·Σ_b d_b·(q·x_q)_b`: the `s·q` part of the product.
-    fn dot_portable(&self, x: &QuantizedX) -> f32 {
-        let mut total = 0f32;
+    /// The tile's rows times `x`: `Σ_g s_g·(q_g·x_g) − Σ_g s_g·z_g·Σx_g`
+    /// per row (`group_sums` holds the `Σx_g` of the quantized activations).
+    fn product(&self, kernel: Int4Kernel, x: &QuantizedX, group_sums: &[f32]) -> [f32; TILE] {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only chosen where the CPU has AVX2, FMA and
+            // F16C; `x` and `group_sums` cover the tile's columns.
+            Int4Kernel::Avx2 => unsafe { x86::int4_tile(self, x, group_sums) },
+            Int4Kernel::Portable => self.product_portable(x, group_sums),
+        }
+    }
+
+    fn product_portable(&self, x: &QuantizedX, group_sums: &[f32]) -> [f32; TILE] {
+        let mut acc = [0f32; TILE];
+        let mut zeros = [0f32; TILE];
         let mut b = 0;
-        for (s, _, nibbles) in self.groups() {
-            let mut acc = 0f32;
-            for bytes in nibbles.chunks_exact(16) {
+        for ((s, z, blocks), sum) in self.groups().zip(group_sums) {
+            for block in blocks.chunks_exact(TILE_BLOCK) {
                 let xb = &x.q[b * BLOCK..(b + 1) * BLOCK];
-                let mut isum = 0i32;
-                for j in 0..16 {
-                    isum += i32::from(bytes[j] & 15) * i32::from(xb[j])
-                        + i32::from(bytes[j] >> 4) * i32::from(xb[j + 16]);
+                for r in 0..TILE {
+                    let isum: i32 = (0..BLOCK)
+                        .map(|c| i32::from(nibble(block, r, c)) * i32::from(xb[c]))
+                        .sum();
+                    acc[r] += s[r] * x.d[b] * isum as f32;
                 }
-                acc += x.d[b] * isum as f32;
                 b += 1;
             }
-            total += s * acc;
+            for r in 0..TILE {
+                zeros[r] += s[r] * z[r] * sum;
+            }
         }
-        total
-    }
-
-    /// `−Σ_g s_g·z_g·Σ x_g` from the groups' sums of the quantized
-    /// activations: the zeros' part of the product.
-    fn min_term(&self, group_sums: &[f32]) -> f32 {
-        -self
-            .groups()
-            .zip(group_sums)
-            .map(|((s, z, _), sum)| s * z * sum)
-            .sum::<f32>()
+        std::array::from_fn(|r| acc[r] - zeros[r])
     }
 }
 
@@ -334,6 +363,28 @@ impl Int8Matrix {
             q,
             scales,
         }
+    }
+
+    /// Row-wise symmetric RTN of a row-major f32 matrix: per row
+    /// `s = max(max|w|/127, 1e-12)`, `q = clamp(round(w/s), −127, 127)`
+    /// (ties to even, as libtorch's `round`), one pass over the weights
+    /// (the 151,936 × 896 head of a 0.5B model: 545 MB of f32, which a
+    /// chain of libtorch ops read and wrote several times over).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols);
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows];
+        q.par_chunks_mut(cols.max(1))
+            .zip(w.par_chunks(cols.max(1)))
+            .zip(scales.par_iter_mut())
+            .for_each(|((q, w), s)| {
+                let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                *s = (amax / 127.0).max(1e-12);
+                for (q, v) in q.iter_mut().zip(w) {
+                    *q = (v / *s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
+            });
+        Self::new(q, scales, rows, cols)
     }
 
     fn gemv_int8(&self, x: &[f32], y: &mut [f32]) {
@@ -398,6 +449,13 @@ impl RowsOut {
         // SAFETY: in bounds; no other thread writes this row.
         unsafe { self.ptr.add(row).write(v) }
     }
+
+    /// Rows `first..` from `v`, as many as the output has.
+    fn set_from(&self, first: usize, v: &[f32]) {
+        for (r, &v) in v.iter().enumerate().take(self.len.saturating_sub(first)) {
+            self.set(first + r, v);
+        }
+    }
 }
 
 /// `Σ_b d_b·(q·x_q)_b` over one int8 row.
@@ -448,23 +506,6 @@ macro_rules! mat_vec {
 mat_vec!(Int4Matrix, gemv_int4, dequantize_int4);
 mat_vec!(Int8Matrix, gemv_int8, dequantize_int8);
 
-/// AVX-512 with VNNI (`vpdpbusd`: 64 u8×i8 products summed in fours per
-/// instruction), beside AVX2, FMA and F16C.
-fn has_avx512_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_avx2_fma_f16c()
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 fn has_avx2_fma_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -480,7 +521,7 @@ fn has_avx2_fma_f16c() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Int4Row, QuantizedX, BLOCK, HEADER};
+    use super::{Int4Tile, QuantizedX, BLOCK, HEADER, TILE, TILE_BLOCK};
     use std::arch::x86_64::*;
 
     const PREFETCH: usize = 1024;
@@ -559,29 +600,6 @@ mod x86 {
         out.sums[b] = scale * isum as f32;
     }
 
-    /// Four bytes at `p` into the low lane of a cleared register.
-    #[inline(always)]
-    unsafe fn load_u32(p: *const u8) -> __m128i {
-        let v: __m128i;
-        std::arch::asm!(
-            "vmovd {v}, dword ptr [{p}]",
-            v = out(xmm_reg) v,
-            p = in(reg) p,
-            options(pure, readonly, nostack, preserves_flags),
-        );
-        v
-    }
-
-    /// The 32 integers of one int4 block (16 bytes) in column order.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn unpack(p: *const u8) -> __m256i {
-        let v = _mm_loadu_si128(p.cast());
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(v, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-        _mm256_set_m128i(hi, lo)
-    }
-
     /// Eight i32 partial sums of `a·b` for 32 unsigned `a` (≤ 255, with
     /// `|a·b|·2 < 2¹⁵`: no saturation) and 32 signed `b`.
     #[target_feature(enable = "avx2,fma")]
@@ -590,208 +608,63 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
-    /// One int4 row's product (see [`Int4Row`]) with the activations'
-    /// blocks and their sums per group. Block `b` sits in group `b >> shift`
-    /// (groups are powers of two), the data `PREFETCH` bytes ahead is
-    /// requested early (measured on a 4864×896 product streamed from DRAM:
-    /// 418 µs with the hardware prefetcher alone, ~330 µs with this).
+    /// One tile's product (see [`Int4Tile`] and `nibble_place`): per block,
+    /// four 32-byte loads and masks give eight vectors of four weights per
+    /// row (i32 lane `r` = row `r`), each multiplied (`maddubs`) by the
+    /// matching four activations broadcast to every lane and summed in i16
+    /// lanes (at most 8·2·15·127 = 30,480: activations stay within ±127, so
+    /// nothing overflows), widened once (`madd`), converted and scaled by the
+    /// rows' `s` times the block's `d`. The zeros' term, one vector FMA per
+    /// group, accumulates beside it. About 4 vector instructions per row and
+    /// block where a row at a time needed ~20 (unpacking, a scale broadcast
+    /// and a horizontal sum per row).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn int4_row(row: &Int4Row, x: &QuantizedX, group_sums: &[f32]) -> f32 {
-        let per_group = row.group / BLOCK;
-        let stride = HEADER + row.group / 2;
-        let blocks = row.data.len() / stride * per_group;
-        debug_assert!(x.d.len() >= blocks);
-        let shift = per_group.trailing_zeros();
-        let (base, xp, dp) = (row.data.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
-        // A macro, not a closure: closures do not inherit the function's
-        // target features, so their intrinsics would not be inlined.
-        macro_rules! block {
-            ($b:expr) => {{
-                let b = $b;
-                let group = base.add((b >> shift) * stride);
-                let at = group.add(HEADER + (b & (per_group - 1)) * 16);
-                _mm_prefetch::<_MM_HINT_T0>(at.add(PREFETCH).cast());
-                // The f16 scale by a `vmovd` (which clears the register).
-                // Left to itself the compiler narrows the load to the 16
-                // bits it uses, a `vpinsrw` into whatever register it picks,
-                // here the accumulator: that chained every block to the
-                // previous block's FMA (seen in perf annotate; a plain
-                // `_mm_loadu_si32` once avoided it, until a later compiler
-                // narrowed that too). Inline asm cannot be narrowed.
-                let sz = _mm_cvtph_ps(load_u32(group));
-                let k = _mm256_broadcastss_ps(_mm_mul_ss(sz, _mm_load_ss(dp.add(b))));
-                let p = dot_u8_i8(unpack(at), _mm256_loadu_si256(xp.add(b * BLOCK).cast()));
-                (p, k)
-            }};
-        }
-        let acc = sum_blocks!(blocks, block);
-        // The zeros' part, −Σ_g s_g·z_g·Σ x_g (headers are in L1 by now),
-        // in four independent sums: one running sum waited ~4 cycles per
-        // group on the previous addition (at groups of 32, per block).
-        macro_rules! term {
-            ($g:expr, $sum:expr) => {{
-                let sz = _mm_cvtph_ps(load_u32(base.add($g * stride)));
-                _mm_cvtss_f32(sz) * _mm_cvtss_f32(_mm_movehdup_ps(sz)) * $sum
-            }};
-        }
-        let mut partial = [0f32; 4];
-        let quads = group_sums.chunks_exact(4);
-        let rest = quads.remainder();
-        for (i, sums) in quads.enumerate() {
-            for j in 0..4 {
-                partial[j] += term!(4 * i + j, sums[j]);
-            }
-        }
-        let mut tail = 0f32;
-        for (j, &sum) in rest.iter().enumerate() {
-            tail += term!(group_sums.len() - rest.len() + j, sum);
-        }
-        hsum(acc) - ((partial[0] + partial[1]) + (partial[2] + partial[3]) + tail)
-    }
-
-    /// [`int4_row`] with AVX-512 VNNI, two blocks per step: a pair's 32
-    /// nibble bytes unpack to 64 weights `[lo_0, lo_1, hi_0, hi_1]` (16
-    /// each), which `vpdpbusd` multiplies with the activations arranged the
-    /// same way (`QuantizedX::pairs`) into 16 i32 sums of four; each lane is
-    /// then scaled by its block's `s·d` (the two headers' f16 scales spread
-    /// over the lanes by one permute). The zeros' part `−Σ_b s·z·Σx_b`
-    /// accumulates from the same headers in a vector of its own (a separate
-    /// loop over the headers, summing into one scalar, waited ~4 cycles per
-    /// group on the previous addition: at groups of 32 that was ~15% of the
-    /// kernel in perf). An odd last block goes the portable way.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn int4_row_512(row: &Int4Row, x: &QuantizedX, group_sums: &[f32]) -> f32 {
-        let per_group = row.group / BLOCK;
-        let stride = HEADER + row.group / 2;
-        let groups = row.data.len() / stride;
-        let blocks = groups * per_group;
-        let pairs = blocks / 2;
-        debug_assert!(x.pairs.len() >= pairs * 2 * BLOCK && x.pair_d.len() >= pairs * 16);
-        let (base, xp, dp, sp) = (
-            row.data.as_ptr(),
-            x.pairs.as_ptr(),
-            x.pair_d.as_ptr(),
-            x.pair_sums.as_ptr(),
-        );
-        let nibble = _mm512_set1_epi8(0x0F);
-        // 32 nibble bytes [n_0 | n_1] → the pair's 64 weights in the order
-        // of `QuantizedX::pairs`, times those activations, in 16 i32 lanes.
-        macro_rules! dot {
-            ($n:expr, $p:expr) => {{
-                let n = $n;
-                let w = _mm512_and_si512(
-                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(n), _mm256_srli_epi16::<4>(n)),
-                    nibble,
-                );
-                let v = _mm512_loadu_si512(xp.add($p * 2 * BLOCK).cast());
-                _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, v))
-            }};
-        }
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (mut zacc0, mut zacc1) = (_mm_setzero_ps(), _mm_setzero_ps());
-        if per_group == 1 {
-            // Groups of 32: a pair is two groups, 40 bytes, two headers.
-            let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
-            macro_rules! pair {
-                ($p:expr) => {{
-                    let p = $p;
-                    let g0 = base.add(2 * p * stride);
-                    let g1 = g0.add(stride);
-                    _mm_prefetch::<_MM_HINT_T0>(g0.add(PREFETCH).cast());
-                    let n = _mm256_inserti128_si256::<1>(
-                        _mm256_castsi128_si256(_mm_loadu_si128(g0.add(HEADER).cast())),
-                        _mm_loadu_si128(g1.add(HEADER).cast()),
-                    );
-                    // [s_0, z_0, s_1, z_1]
-                    let headers =
-                        _mm_insert_epi32::<1>(load_u32(g0), g1.cast::<i32>().read_unaligned());
-                    let sz = _mm_cvtph_ps(headers);
-                    let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sz));
-                    (
-                        dot!(n, p),
-                        _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(p * 16))),
-                        _mm_mul_ps(sz, _mm_movehdup_ps(sz)),
-                        _mm_loadu_ps(sp.add(p * 4)),
-                    )
-                }};
-            }
-            let mut p = 0;
-            while p + 1 < pairs {
-                let (v0, k0, z0, t0) = pair!(p);
-                let (v1, k1, z1, t1) = pair!(p + 1);
-                acc0 = _mm512_fmadd_ps(v0, k0, acc0);
-                acc1 = _mm512_fmadd_ps(v1, k1, acc1);
-                zacc0 = _mm_fmadd_ps(z0, t0, zacc0);
-                zacc1 = _mm_fmadd_ps(z1, t1, zacc1);
-                p += 2;
-            }
-            if p < pairs {
-                let (v0, k0, z0, t0) = pair!(p);
-                acc0 = _mm512_fmadd_ps(v0, k0, acc0);
-                zacc0 = _mm_fmadd_ps(z0, t0, zacc0);
-            }
-        } else {
-            // Groups of 64 and more: one header, then whole pairs of blocks
-            // in 32 contiguous bytes each.
-            let pairs_per_group = per_group / 2;
-            for (g, group_sum) in group_sums.iter().enumerate().take(groups) {
-                let gp = base.add(g * stride);
-                let sz = _mm_cvtph_ps(load_u32(gp));
-                let s = _mm512_broadcastss_ps(sz);
-                zacc0 = _mm_fmadd_ps(
-                    _mm_mul_ps(sz, _mm_movehdup_ps(sz)),
-                    _mm_load_ss(group_sum),
-                    zacc0,
-                );
-                let first = g * pairs_per_group;
-                macro_rules! pair {
-                    ($k:expr) => {{
-                        let at = gp.add(HEADER + $k * 2 * 16);
-                        _mm_prefetch::<_MM_HINT_T0>(at.add(PREFETCH).cast());
-                        let v = dot!(_mm256_loadu_si256(at.cast()), first + $k);
-                        (
-                            v,
-                            _mm512_mul_ps(s, _mm512_loadu_ps(dp.add((first + $k) * 16))),
+    pub unsafe fn int4_tile(tile: &Int4Tile, x: &QuantizedX, group_sums: &[f32]) -> [f32; TILE] {
+        let per_group = tile.group / BLOCK;
+        let group_bytes = HEADER + per_group * TILE_BLOCK;
+        let groups = tile.data.len() / group_bytes;
+        assert!(x.d.len() >= groups * per_group && group_sums.len() >= groups);
+        let (base, xp, dp) = (tile.data.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let (mut acc, mut zacc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        for (g, &sum) in group_sums.iter().enumerate().take(groups) {
+            let gp = base.add(g * group_bytes);
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(gp.cast()));
+            let z = _mm256_cvtph_ps(_mm_loadu_si128(gp.add(2 * TILE).cast()));
+            zacc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(sum), zacc);
+            for k in 0..per_group {
+                let w = gp.add(HEADER + k * TILE_BLOCK);
+                _mm_prefetch::<_MM_HINT_T0>(w.add(PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w.add(PREFETCH + 64).cast());
+                let xb = xp.add(b * BLOCK).cast::<i32>();
+                // Chunk `c`: columns 8c..8c+4 (low nibbles) and 8c+4..8c+8.
+                macro_rules! chunk {
+                    ($c:expr) => {{
+                        let v = _mm256_loadu_si256(w.add(32 * $c).cast());
+                        let lo = _mm256_and_si256(v, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                        let x_lo = _mm256_set1_epi32(xb.add(2 * $c).read_unaligned());
+                        let x_hi = _mm256_set1_epi32(xb.add(2 * $c + 1).read_unaligned());
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, x_lo),
+                            _mm256_maddubs_epi16(hi, x_hi),
                         )
                     }};
                 }
-                let mut k = 0;
-                while k + 1 < pairs_per_group {
-                    let (v0, k0) = pair!(k);
-                    let (v1, k1) = pair!(k + 1);
-                    acc0 = _mm512_fmadd_ps(v0, k0, acc0);
-                    acc1 = _mm512_fmadd_ps(v1, k1, acc1);
-                    k += 2;
-                }
-                if k < pairs_per_group {
-                    let (v0, k0) = pair!(k);
-                    acc0 = _mm512_fmadd_ps(v0, k0, acc0);
-                }
+                let sum = _mm256_add_epi16(
+                    _mm256_add_epi16(chunk!(0), chunk!(1)),
+                    _mm256_add_epi16(chunk!(2), chunk!(3)),
+                );
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+                acc = _mm256_fmadd_ps(p, _mm256_mul_ps(s, _mm256_set1_ps(*dp.add(b))), acc);
+                b += 1;
             }
         }
-        let zacc = _mm_add_ps(zacc0, zacc1);
-        // Lanes 0 and 2 hold s·z·Σx (1 and 3 hold z²·0).
-        let zacc = _mm_add_ps(zacc, _mm_movehl_ps(zacc, zacc));
-        let mut zeros = _mm_cvtss_f32(zacc);
-        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        if blocks % 2 == 1 {
-            // Only with groups of 32: the last group is the last block.
-            let b = blocks - 1;
-            let group = base.add(b * stride);
-            let s = half::f16::from_le_bytes([*group, *group.add(1)]).to_f32();
-            let bytes = std::slice::from_raw_parts(group.add(HEADER), 16);
-            let xb = &x.q[b * BLOCK..(b + 1) * BLOCK];
-            let isum: i32 = (0..16)
-                .map(|j| {
-                    i32::from(bytes[j] & 15) * i32::from(xb[j])
-                        + i32::from(bytes[j] >> 4) * i32::from(xb[j + 16])
-                })
-                .sum();
-            let z = half::f16::from_le_bytes([*group.add(2), *group.add(3)]).to_f32();
-            total += s * x.d[b] * isum as f32;
-            zeros += s * z * x.sums[b];
-        }
-        total - zeros
+        let mut out = [0f32; TILE];
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, zacc));
+        out
     }
 
     /// `Σ_b d_b·(q·x_q)_b` over one int8 row: `maddubs` needs an unsigned
@@ -926,20 +799,6 @@ mod tests {
             }
             let mut y = vec![0f32; rows];
             m.gemv(&x, &mut y);
-            // The same product by the portable code (the kernel when the CPU
-            // has no AVX2).
-            let xq = QuantizedX::new(&x);
-            let group_sums: Vec<f32> = xq
-                .sums
-                .chunks(group / BLOCK)
-                .map(|g| g.iter().sum())
-                .collect();
-            let y_portable: Vec<f32> = (0..rows)
-                .map(|r| {
-                    let row = m.row(r);
-                    row.dot_portable(&xq) + row.min_term(&group_sums)
-                })
-                .collect();
             // The kernel sums s·q·x and −s·z·x separately: its rounding is
             // relative to those terms, not to their (smaller) difference.
             let mag = |r: usize, x: &[f32]| -> f64 {
@@ -952,24 +811,21 @@ mod tests {
                     .sum()
             };
             check(&y, &w, &x, mag);
-            check(&y_portable, &w, &x, mag);
-            // Each vectorised kernel this CPU has, whichever `gemv` picked.
+            // Every kernel this CPU has (`gemv` ran the best of them), the
+            // padding rows of the last tile included: they come out zero.
+            let xq = QuantizedX::new(&x);
+            let group_sums = xq.group_sums(group);
+            let mut kernels = vec![Int4Kernel::Portable];
             #[cfg(target_arch = "x86_64")]
-            {
-                let rows_by = |f: &dyn Fn(&Int4Row) -> f32| -> Vec<f32> {
-                    (0..rows).map(|r| f(&m.row(r))).collect()
-                };
-                if has_avx2_fma_f16c() {
-                    // SAFETY: features checked; `xq` covers the columns.
-                    let y = rows_by(&|row| unsafe { x86::int4_row(row, &xq, &group_sums) });
-                    check(&y, &w, &x, mag);
-                }
-                if has_avx512_vnni() {
-                    assert!(!xq.pairs.is_empty() || cols < 2 * BLOCK);
-                    // SAFETY: as above.
-                    let y = rows_by(&|row| unsafe { x86::int4_row_512(row, &xq, &group_sums) });
-                    check(&y, &w, &x, mag);
-                }
+            if has_avx2_fma_f16c() {
+                kernels.push(Int4Kernel::Avx2);
+            }
+            for kernel in kernels {
+                let all: Vec<f32> = (0..m.tiles())
+                    .flat_map(|t| m.tile(t).product(kernel, &xq, &group_sums))
+                    .collect();
+                assert!(all[rows..].iter().all(|&v| v == 0.0), "{kernel:?}");
+                check(&all[..rows], &w, &x, mag);
             }
         }
     }
@@ -1126,8 +982,8 @@ mod timings {
             std::hint::black_box(QuantizedX::new(&x));
         });
         println!(
-            "avx512 vnni: {}; 24 layers' int4 products {:.2} ms, int8 head {:.2} ms, one 4864-wide activation quantization {:.1} µs",
-            has_avx512_vnni(),
+            "int4 kernel {:?}: 24 layers' int4 products {:.2} ms, int8 head {:.2} ms, one 4864-wide activation quantization {:.1} µs",
+            Int4Kernel::best(),
             all_layers * 1e3,
             head_time * 1e3,
             quantize * 1e6

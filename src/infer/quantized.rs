@@ -329,27 +329,25 @@ impl Int8Linear {
     /// Quantizes a dense (out, in) weight.
     pub fn from_dense(weight: &Tensor, bias: Option<&Tensor>, kind: Kind) -> Self {
         let _guard = tch::no_grad_guard();
-        let device = weight.device();
         let w = weight.to_kind(Kind::Float);
-        let scales = (w.abs().amax(1, true) / 127.0).clamp_min(1e-12);
-        let q = (&w / &scales)
-            .round()
-            .clamp(-127.0, 127.0)
-            .to_kind(Kind::Int8);
-        let scales = scales.squeeze_dim(1);
-        let kernel = if device.is_cuda() {
+        let kernel = if w.device().is_cuda() {
+            let scales = (w.abs().amax(1, true) / 127.0).clamp_min(1e-12);
+            let q = (&w / &scales)
+                .round()
+                .clamp(-127.0, 127.0)
+                .to_kind(Kind::Int8);
             Int8Kernel::Cuda {
                 weight: q,
-                scales: scales.to_kind(kind),
+                scales: scales.squeeze_dim(1).to_kind(kind),
             }
         } else {
-            let (rows, cols) = (q.size()[0] as usize, q.size()[1] as usize);
-            Int8Kernel::Cpu(Int8Matrix::new(
-                Vec::<i8>::try_from(q.contiguous().view(-1)).expect("int8 weights"),
-                Vec::<f32>::try_from(scales.contiguous()).expect("f32 scales"),
-                rows,
-                cols,
-            ))
+            let w = w.contiguous();
+            let (rows, cols) = (w.size()[0] as usize, w.size()[1] as usize);
+            // SAFETY: a contiguous f32 CPU tensor of rows × cols elements,
+            // alive and unchanged while the slice is read.
+            let values =
+                unsafe { std::slice::from_raw_parts(w.data_ptr() as *const f32, rows * cols) };
+            Int8Kernel::Cpu(Int8Matrix::quantize(values, rows, cols))
         };
         Self {
             kernel,
@@ -608,6 +606,27 @@ mod tests {
             Int4Linear::new(&q, Device::Cpu, Kind::Float),
             Err(FastPathError::Bits { bits: 3 })
         ));
+    }
+
+    /// The CPU quantizer (one pass in Rust) gives exactly the integers and
+    /// scales of the tensor formula the CUDA path runs, ties and an all-zero
+    /// row included.
+    #[test]
+    fn int8_cpu_quantizer_matches_the_tensor_formula() {
+        let w = Tensor::randn([50, 40], (Kind::Float, Device::Cpu));
+        // Row 0: max 127, so the scale is 1 and these are exact ties.
+        let mut row0 = vec![0f32; 40];
+        row0[..5].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5]);
+        w.get(0).copy_(&Tensor::from_slice(&row0));
+        let _ = w.get(1).zero_();
+        let scales = (w.abs().amax(1, true) / 127.0).clamp_min(1e-12);
+        let expected = (&w / &scales).round().clamp(-127.0, 127.0) * &scales;
+        let got = Int8Linear::from_dense(&w, None, Kind::Float).dequantized();
+        assert!(got.equal(&expected));
+        assert_eq!(
+            Vec::<f32>::try_from(got.get(0).narrow(0, 0, 5)).unwrap(),
+            [127.0, 2.0, -4.0, 0.0, -0.0]
+        );
     }
 
     #[test]
