@@ -135,7 +135,10 @@ pub enum QuantError {
 pub struct QuantizedLinear {
     pub bits: u32,
     pub group_size: usize,
-    /// (out, in) integers in `[0, 2^bits)`, original column order, int64.
+    /// (out, in) integers in `[0, 2^bits)`, original column order: int64
+    /// from the quantizers, uint8 as read from a checkpoint. Users widen
+    /// them or subtract the int64 `zeros` (which promotes), never subtract
+    /// two uint8 tensors.
     pub q: Tensor,
     /// (groups, out), f32 holding f16-representable values.
     pub scales: Tensor,
