@@ -15,5 +15,6 @@ pub mod model;
 pub mod pipeline;
 pub mod quant;
 pub mod settings;
+pub mod team;
 pub mod tokenizer;
 pub mod train;

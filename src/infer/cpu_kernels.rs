@@ -31,10 +31,11 @@
 //! Measured with `scripts/bench/decode` (0.5B, group 32, 2 threads): on an
 //! AVX2 machine 14.4 tok/s with f32 activations and rayon, 20.9 with int8
 //! activations and the team (0.63× llama.cpp Q4_0); on an AVX-512 machine
-//! 0.50× llama.cpp before the VNNI kernel and the raw-slice decode step,
-//! 0.77× after (BENCHMARKS.md).
+//! 0.50× llama.cpp before a VNNI row kernel and the raw-slice decode step,
+//! 0.77× after; on the AVX2 machine again with the tiles (which replaced
+//! the VNNI row kernel), 1.06× and 1.00× in two runs (BENCHMARKS.md).
 
-use super::team::Team;
+use crate::team::Team;
 use half::f16;
 use rayon::prelude::*;
 
@@ -207,6 +208,7 @@ impl Int4Matrix {
         self.cols / self.group * self.group_bytes()
     }
 
+    #[cfg(test)]
     fn tiles(&self) -> usize {
         self.rows.div_ceil(TILE)
     }
@@ -226,12 +228,13 @@ impl Int4Matrix {
         let xq = QuantizedX::new(x);
         let group_sums = xq.group_sums(self.group);
         let kernel = Int4Kernel::best();
-        let out = RowsOut::new(y);
         let per_task = ROWS_PER_TASK / TILE;
-        Team::global().run(self.tiles().div_ceil(per_task), &|task| {
-            for t in task * per_task..((task + 1) * per_task).min(self.tiles()) {
-                let v = self.tile(t).product(kernel, &xq, &group_sums);
-                out.set_from(t * TILE, &v);
+        Team::global().run_chunks_mut(y, per_task * TILE, &|task, out| {
+            for (k, out) in out.chunks_mut(TILE).enumerate() {
+                let v = self
+                    .tile(task * per_task + k)
+                    .product(kernel, &xq, &group_sums);
+                out.copy_from_slice(&v[..out.len()]);
             }
         });
     }
@@ -397,20 +400,20 @@ impl Int8Matrix {
         let xq = QuantizedX::new(x);
         let avx2 = has_avx2_fma_f16c();
         let cols = self.cols;
-        let out = RowsOut::new(y);
         let per_task = ROWS_PER_TASK * 4;
-        Team::global().run(self.rows.div_ceil(per_task), &|task| {
-            for r in task * per_task..((task + 1) * per_task).min(self.rows) {
+        Team::global().run_chunks_mut(y, per_task, &|task, out| {
+            for (k, out) in out.iter_mut().enumerate() {
+                let r = task * per_task + k;
                 let row = &self.q[r * cols..(r + 1) * cols];
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2 and FMA checked above; `xq` covers the
                     // row's columns.
-                    out.set(r, self.scales[r] * unsafe { x86::int8_dot(row, &xq) });
+                    *out = self.scales[r] * unsafe { x86::int8_dot(row, &xq) };
                     continue;
                 }
                 let _ = avx2;
-                out.set(r, self.scales[r] * int8_dot_portable(row, &xq));
+                *out = self.scales[r] * int8_dot_portable(row, &xq);
             }
         });
     }
@@ -426,39 +429,6 @@ impl Int8Matrix {
                 }
             });
         out
-    }
-}
-
-/// The output vector of a product, written row by row from the team's
-/// threads: each row by exactly one of them.
-struct RowsOut {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: threads write disjoint rows (each chunk of rows once) while the
-// borrow of the output outlives `Team::run`.
-unsafe impl Sync for RowsOut {}
-
-impl RowsOut {
-    fn new(y: &mut [f32]) -> Self {
-        Self {
-            ptr: y.as_mut_ptr(),
-            len: y.len(),
-        }
-    }
-
-    fn set(&self, row: usize, v: f32) {
-        assert!(row < self.len);
-        // SAFETY: in bounds; no other thread writes this row.
-        unsafe { self.ptr.add(row).write(v) }
-    }
-
-    /// Rows `first..` from `v`, as many as the output has.
-    fn set_from(&self, first: usize, v: &[f32]) {
-        for (r, &v) in v.iter().enumerate().take(self.len.saturating_sub(first)) {
-            self.set(first + r, v);
-        }
     }
 }
 

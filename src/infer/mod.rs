@@ -4,7 +4,6 @@ pub mod cpu_kernels;
 pub mod generate;
 pub mod quantized;
 pub mod sampling;
-pub mod team;
 
 pub use generate::{generate, generate_until, Generated, StopReason};
 pub use sampling::{Sampler, SamplingParams};

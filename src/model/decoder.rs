@@ -13,6 +13,7 @@ use super::weights::Checkpoint;
 use super::ModelError;
 use crate::quant::checkpoint::{read_linear, QuantFormat};
 use crate::quant::QuantizedLinear;
+use crate::team::Team;
 
 /// Where and in which dtype the weights live.
 #[derive(Debug, Clone, Copy)]
@@ -821,14 +822,18 @@ impl DecoderLayer {
         let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let scale = (head_dim as f32).powf(-0.5);
         let n_rep = n_heads / n_kv;
+        let (kc, vc) = (&*kc, &*vc);
         let mut attn = vec![0f32; n_heads * head_dim];
-        let mut scores = vec![0f32; pos + 1 - first];
-        for (hq, out) in attn.chunks_exact_mut(head_dim).enumerate() {
+        // The heads spread over the decode team: attention is the one part
+        // of a step besides the products that grows with the context, and
+        // the team's other threads would otherwise wait through it.
+        Team::global().run_chunks_mut(&mut attn, head_dim, &|hq, out| {
             let g = hq / n_rep;
             let span = (g * capacity + first) * head_dim..(g * capacity + pos + 1) * head_dim;
             let qh = &q[hq * head_dim..(hq + 1) * head_dim];
+            let mut scores = vec![0f32; pos + 1 - first];
             attend_one(qh, &kc[span.clone()], &vc[span], scale, &mut scores, out);
-        }
+        });
         let mut o = vec![0f32; x.len()];
         a.o_proj.matvec(&attn, &mut o);
         for (x, o) in x.iter_mut().zip(&o) {
@@ -1196,17 +1201,17 @@ impl CausalLm {
 
     /// One token of one sequence through the layers on raw slices
     /// (`DecoderLayer::decode_one`), when every layer can and the KV cache is
-    /// short enough for its single-threaded attention (longer caches use
-    /// libtorch's); the hidden states before the final norm, (1, 1, hidden).
+    /// short enough (longer caches use libtorch's attention); the hidden
+    /// states before the final norm, (1, 1, hidden).
     /// `None` when this step must take the libtorch path.
     fn decode_one(
         &self,
         input_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Result<Option<Tensor>, ModelError> {
-        /// The raw step's attention runs on one thread; past this many
-        /// cached positions libtorch's parallel attention takes over (a
-        /// cautious bound: the crossover was not measured).
+        /// Past this many cached positions libtorch's attention takes over
+        /// from the raw step's (a cautious bound: the crossover was not
+        /// measured).
         const MAX_KV: usize = 2048;
         if input_ids.size() != [1, 1] || cache.len >= MAX_KV || !self.decodes_on_slices() {
             return Ok(None);

@@ -1,5 +1,5 @@
 //! A team of threads that stays awake between the many small matrix–vector
-//! products of a decode step.
+//! products of a decode step (and the attention heads between them).
 //!
 //! One decode step of a 0.5B model is ~170 products of 20 µs to 10 ms each,
 //! separated by a few µs of other work. rayon's pool puts idle workers to
@@ -119,6 +119,46 @@ impl Team {
             panic!("a team thread panicked");
         }
     }
+
+    /// `f(i, chunk)` for every `chunk_len`-element chunk `i` of `data` (the
+    /// last may be shorter), spread over the team as [`Team::run`] spreads
+    /// its chunks: each chunk goes to exactly one call, so the calls may
+    /// write their chunks without locks.
+    pub fn run_chunks_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk_len: usize,
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(chunk_len > 0, "chunks of no elements");
+        let len = data.len();
+        let base = SharedMut(data.as_mut_ptr());
+        self.run(len.div_ceil(chunk_len), &|i| {
+            let start = i * chunk_len;
+            // SAFETY: `run` calls this closure once per `i`, the chunks are
+            // disjoint and in bounds, and `data` stays mutably borrowed
+            // until `run` returns, after every call has finished.
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut(base.at(start), chunk_len.min(len - start))
+            };
+            f(i, chunk)
+        });
+    }
+}
+
+/// The start of a slice whose disjoint chunks the team's threads write.
+struct SharedMut<T>(*mut T);
+
+// SAFETY: only `run_chunks_mut` makes these, and it hands each element to
+// one thread at a time.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// `offset` lies within the slice.
+    unsafe fn at(&self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
 }
 
 fn work(s: &Shared, f: &(dyn Fn(usize) + Sync), chunks: usize) {
@@ -183,6 +223,22 @@ mod tests {
             total.fetch_add(c, SeqCst);
         });
         assert_eq!(total.load(SeqCst), 63 * 64 / 2);
+    }
+
+    #[test]
+    fn chunks_of_a_slice_each_go_to_one_call() {
+        let team = Team::new(3);
+        for (len, chunk_len) in [(1000, 7), (5, 5), (0, 3), (3, 8)] {
+            let mut data = vec![usize::MAX; len];
+            team.run_chunks_mut(&mut data, chunk_len, &|i, chunk| {
+                assert!(chunk.len() == chunk_len || (i + 1) * chunk_len >= len);
+                for v in chunk {
+                    *v = i;
+                }
+            });
+            let want: Vec<usize> = (0..len).map(|j| j / chunk_len).collect();
+            assert_eq!(data, want, "{len} in chunks of {chunk_len}");
+        }
     }
 
     #[test]
