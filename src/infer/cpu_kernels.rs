@@ -33,7 +33,7 @@
 //! activations and the team (0.63× llama.cpp Q4_0); on an AVX-512 machine
 //! 0.50× llama.cpp before a VNNI row kernel and the raw-slice decode step,
 //! 0.77× after; on the AVX2 machine again with the tiles (which replaced
-//! the VNNI row kernel), 1.06× and 1.00× in two runs (BENCHMARKS.md).
+//! the VNNI row kernel), 1.00–1.08× in three runs (BENCHMARKS.md).
 
 use crate::team::Team;
 use half::f16;
