@@ -317,6 +317,13 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     pub stride: usize,
 
+    /// Prompts generated together (fim, humaneval) and perplexity windows
+    /// run together (ppl), each batch left- or right-padded to its longest
+    /// (prompts are grouped by length). Latency always runs one completion
+    /// at a time, as an IDE does.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub batch_size: u64,
+
     /// Quality gate such as 'ppl<=1.05*base', 'humaneval>=base-0.02' or
     /// 'fim_accept>=0.65' (repeatable); any failure exits 1. Metrics: ppl,
     /// humaneval, fim_exact, fim_edit_sim, fim_accept, ttft_p50_ms,

@@ -18,7 +18,7 @@ use crate::eval::gate::Gate;
 use crate::eval::humaneval::{self, ProblemResult};
 use crate::eval::latency::{self, LatencySummary};
 use crate::eval::plot;
-use crate::eval::ppl::{document_perplexity, Perplexity};
+use crate::eval::ppl::{corpus_perplexity, Perplexity};
 use crate::eval::sandbox::{Limits, Sandbox};
 use crate::infer::quantized::Int4Linear;
 use crate::model::{self, hub, LoadOptions};
@@ -200,6 +200,7 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
         (Vec::new(), None, None)
     };
 
+    let batch = args.batch_size as usize;
     let mut results = Vec::new();
     for (name, dir, config) in &models {
         let start = std::time::Instant::now();
@@ -227,20 +228,23 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
                 name,
                 "ppl tokens",
             );
-            let mut acc = Perplexity::default();
-            for doc in &docs {
-                acc.add(document_perplexity(&lm, doc, args.window, args.stride)?);
-                bar.inc(doc.len() as u64);
-            }
+            let ppl = corpus_perplexity(&lm, &docs, args.window, args.stride, batch, &mut |n| {
+                bar.inc(n as u64)
+            })?;
             bar.finish_and_clear();
-            result.ppl = Some(acc);
+            result.ppl = Some(ppl);
         }
         if let Some(sandbox) = &sandbox {
-            let bar = progress(problems.len() as u64, name, "humaneval");
+            let bar = progress(problems.len() as u64, name, "humaneval completions");
+            let completions =
+                humaneval::complete_batch(&lm, &tokenizer, &stop_ids, &problems, batch, &mut |n| {
+                    bar.inc(n as u64)
+                })
+                .with_context(|| format!("{name}: completing humaneval"))?;
+            bar.finish_and_clear();
+            let bar = progress(problems.len() as u64, name, "humaneval tests");
             let mut done = Vec::with_capacity(problems.len());
-            for problem in &problems {
-                let (completion, tokens) = humaneval::complete(&lm, &tokenizer, &stop_ids, problem)
-                    .with_context(|| format!("{}: completing {}", name, problem.task_id))?;
+            for (problem, (completion, tokens)) in problems.iter().zip(completions) {
                 done.push(
                     humaneval::check_completion(sandbox, problem, &completion, tokens)
                         .with_context(|| format!("running {}", problem.task_id))?,
@@ -252,14 +256,21 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
         }
         if wants("fim") {
             let bar = progress(fim_samples.len() as u64, name, "fim");
-            let mut done = Vec::with_capacity(fim_samples.len());
-            for sample in &fim_samples {
-                let (completion, _, _) =
-                    fim::complete(&lm, &tokenizer, &stop_ids, sample, fim::MAX_NEW_TOKENS)
-                        .with_context(|| format!("{name}: fim"))?;
-                done.push(fim::score(sample, completion));
-                bar.inc(1);
-            }
+            let completions = fim::complete_batch(
+                &lm,
+                &tokenizer,
+                &stop_ids,
+                &fim_samples,
+                fim::MAX_NEW_TOKENS,
+                batch,
+                &mut |n| bar.inc(n as u64),
+            )
+            .with_context(|| format!("{name}: fim"))?;
+            let done: Vec<FimResult> = fim_samples
+                .iter()
+                .zip(completions)
+                .map(|(sample, (completion, _, _))| fim::score(sample, completion))
+                .collect();
             bar.finish_and_clear();
             result.fim = Some((fim::scores(&done), done));
         }
@@ -307,6 +318,7 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
         "tasks": args.tasks,
         "device": crate::device::device_name(device),
         "dtype": kind_name(kind),
+        "batch_size": batch,
         "ppl": wants("ppl").then(|| json!({"window": args.window, "stride": args.stride, "documents": ppl_texts.len()})),
         "fim": wants("fim").then(|| json!({
             "seed": args.seed,

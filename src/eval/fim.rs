@@ -242,17 +242,50 @@ pub fn complete(
     sample: &FimSample,
     max_new_tokens: usize,
 ) -> Result<(String, Generated, usize), FimError> {
-    let room = model.max_positions().saturating_sub(max_new_tokens);
-    let ids = prompt(tokenizer, sample, room)?;
-    let (text, out) = super::complete_until_cut::<FimError>(
+    let mut out = complete_batch(
         model,
         tokenizer,
-        &ids,
+        stop_ids,
+        std::slice::from_ref(sample),
+        max_new_tokens,
+        1,
+        &mut |_| {},
+    )?;
+    Ok(out.pop().expect("one sample, one completion"))
+}
+
+/// [`complete`] for many samples, generated in batches of up to `batch`
+/// prompts (see `complete_until_cut`); `on_done` sees how many finished
+/// after each batch.
+pub fn complete_batch(
+    model: &CausalLm,
+    tokenizer: &CodeTokenizer,
+    stop_ids: &[u32],
+    samples: &[FimSample],
+    max_new_tokens: usize,
+    batch: usize,
+    on_done: &mut dyn FnMut(usize),
+) -> Result<Vec<(String, Generated, usize)>, FimError> {
+    let room = model.max_positions().saturating_sub(max_new_tokens);
+    let prompts = samples
+        .iter()
+        .map(|sample| prompt(tokenizer, sample, room))
+        .collect::<Result<Vec<_>, _>>()?;
+    let done = super::complete_until_cut::<FimError>(
+        model,
+        tokenizer,
+        &prompts,
+        &|i, text| cut_lines(text, samples[i].lines),
         max_new_tokens,
         stop_ids,
-        |text| cut_lines(text, sample.lines),
+        batch,
+        on_done,
     )?;
-    Ok((text, out, ids.len()))
+    Ok(done
+        .into_iter()
+        .zip(&prompts)
+        .map(|((text, out), p)| (text, out, p.len()))
+        .collect())
 }
 
 /// The first `lines` lines of `text`, without the newline that ends the last.

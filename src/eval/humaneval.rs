@@ -156,23 +156,36 @@ pub fn check_completion(
     })
 }
 
-/// Greedy completion of a problem's prompt, cut at the stop sequences.
-pub fn complete(
+/// Greedy completions of `problems`' prompts, cut at the stop sequences,
+/// generated in batches of up to `batch` (see `complete_until_cut`): per
+/// problem the completion and its number of generated tokens, in order.
+/// `on_done` sees how many finished after each batch.
+pub fn complete_batch(
     model: &CausalLm,
     tokenizer: &CodeTokenizer,
     stop_ids: &[u32],
-    problem: &Problem,
-) -> Result<(String, usize), HumanEvalError> {
-    let prompt = tokenizer.encode(&problem.prompt, true)?;
-    let (text, out) = super::complete_until_cut::<HumanEvalError>(
+    problems: &[Problem],
+    batch: usize,
+    on_done: &mut dyn FnMut(usize),
+) -> Result<Vec<(String, usize)>, HumanEvalError> {
+    let prompts = problems
+        .iter()
+        .map(|p| tokenizer.encode(&p.prompt, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    let done = super::complete_until_cut::<HumanEvalError>(
         model,
         tokenizer,
-        &prompt,
+        &prompts,
+        &|_, text| truncate_at_stop(text),
         MAX_NEW_TOKENS,
         stop_ids,
-        truncate_at_stop,
+        batch,
+        on_done,
     )?;
-    Ok((text, out.tokens.len()))
+    Ok(done
+        .into_iter()
+        .map(|(text, out)| (text, out.tokens.len()))
+        .collect())
 }
 
 /// pass@1 over the results (greedy: one sample per problem).

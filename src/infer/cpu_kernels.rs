@@ -221,20 +221,20 @@ impl Int4Matrix {
         }
     }
 
-    /// `y = W·x` for one vector `x` (`cols`) into `y` (`rows`).
-    fn gemv_int4(&self, x: &[f32], y: &mut [f32]) {
-        assert_eq!(x.len(), self.cols);
-        assert_eq!(y.len(), self.rows);
-        let xq = QuantizedX::new(x);
-        let group_sums = xq.group_sums(self.group);
+    /// `y = W·x` for `n` vectors `x` (`n × cols`, row-major) into `y`
+    /// (`n × rows`): each tile is read once for all of them.
+    fn product_int4(&self, x: &[f32], y: &mut [f32]) {
+        let n = rows_of(x, y, self.rows, self.cols);
+        let xq: Vec<QuantizedX> = x.chunks_exact(self.cols).map(QuantizedX::new).collect();
+        let sums: Vec<Vec<f32>> = xq.iter().map(|q| q.group_sums(self.group)).collect();
         let kernel = Int4Kernel::best();
-        let per_task = ROWS_PER_TASK / TILE;
-        Team::global().run_chunks_mut(y, per_task * TILE, &|task, out| {
-            for (k, out) in out.chunks_mut(TILE).enumerate() {
-                let v = self
-                    .tile(task * per_task + k)
-                    .product(kernel, &xq, &group_sums);
-                out.copy_from_slice(&v[..out.len()]);
+        by_blocks(y, n, TILE, ROWS_PER_TASK / TILE, &|t, out| {
+            if let ([x], [sums]) = (&xq[..], &sums[..]) {
+                // One vector (decode at batch 1): straight to the kernel.
+                let v = self.tile(t).product(kernel, [x], [sums.as_slice()]);
+                out.copy_from_slice(&v[0][..out.len()]);
+            } else {
+                self.tile(t).products(kernel, &xq, &sums, out)
             }
         });
     }
@@ -312,38 +312,135 @@ impl Int4Tile<'_> {
             })
     }
 
-    /// The tile's rows times `x`: `Σ_g s_g·(q_g·x_g) − Σ_g s_g·z_g·Σx_g`
-    /// per row (`group_sums` holds the `Σx_g` of the quantized activations).
-    fn product(&self, kernel: Int4Kernel, x: &QuantizedX, group_sums: &[f32]) -> [f32; TILE] {
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2` is only chosen where the CPU has AVX2, FMA and
-            // F16C; `x` and `group_sums` cover the tile's columns.
-            Int4Kernel::Avx2 => unsafe { x86::int4_tile(self, x, group_sums) },
-            Int4Kernel::Portable => self.product_portable(x, group_sums),
+    /// The tile's rows times each of `xs` into `out` (`[x][row]`, `TILE`
+    /// values per x, cut where `out` ends: the last tile's padding rows),
+    /// up to [`MAX_X`] activation vectors per pass over the tile.
+    fn products(&self, kernel: Int4Kernel, xs: &[QuantizedX], sums: &[Vec<f32>], out: &mut [f32]) {
+        let mut j = 0;
+        while j < xs.len() {
+            let m = (xs.len() - j).min(MAX_X);
+            macro_rules! pass {
+                ($n:literal) => {{
+                    let v = self.product::<$n>(
+                        kernel,
+                        std::array::from_fn(|i| &xs[j + i]),
+                        std::array::from_fn(|i| sums[j + i].as_slice()),
+                    );
+                    for (i, v) in v.iter().enumerate() {
+                        let at = (j + i) * TILE;
+                        let end = (at + TILE).min(out.len());
+                        out[at..end].copy_from_slice(&v[..end - at]);
+                    }
+                }};
+            }
+            match m {
+                1 => pass!(1),
+                2 => pass!(2),
+                3 => pass!(3),
+                _ => pass!(4),
+            }
+            j += m;
         }
     }
 
-    fn product_portable(&self, x: &QuantizedX, group_sums: &[f32]) -> [f32; TILE] {
-        let mut acc = [0f32; TILE];
-        let mut zeros = [0f32; TILE];
+    /// The tile's rows times each of `xs`: `Σ_g s_g·(q_g·x_g) − Σ_g
+    /// s_g·z_g·Σx_g` per row (`group_sums` holds the `Σx_g` of each
+    /// quantized x).
+    fn product<const N: usize>(
+        &self,
+        kernel: Int4Kernel,
+        xs: [&QuantizedX; N],
+        group_sums: [&[f32]; N],
+    ) -> [[f32; TILE]; N] {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only chosen where the CPU has AVX2, FMA and
+            // F16C; the kernel checks that `xs` and `group_sums` cover the
+            // tile's columns.
+            Int4Kernel::Avx2 => unsafe { x86::int4_tile(self, xs, group_sums) },
+            Int4Kernel::Portable => self.product_portable(xs, group_sums),
+        }
+    }
+
+    fn product_portable<const N: usize>(
+        &self,
+        xs: [&QuantizedX; N],
+        group_sums: [&[f32]; N],
+    ) -> [[f32; TILE]; N] {
+        let mut acc = [[0f32; TILE]; N];
+        let mut zeros = [[0f32; TILE]; N];
         let mut b = 0;
-        for ((s, z, blocks), sum) in self.groups().zip(group_sums) {
+        for (g, (s, z, blocks)) in self.groups().enumerate() {
             for block in blocks.chunks_exact(TILE_BLOCK) {
-                let xb = &x.q[b * BLOCK..(b + 1) * BLOCK];
                 for r in 0..TILE {
-                    let isum: i32 = (0..BLOCK)
-                        .map(|c| i32::from(nibble(block, r, c)) * i32::from(xb[c]))
-                        .sum();
-                    acc[r] += s[r] * x.d[b] * isum as f32;
+                    let w: [i32; BLOCK] = std::array::from_fn(|c| i32::from(nibble(block, r, c)));
+                    for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                        let xb = &x.q[b * BLOCK..(b + 1) * BLOCK];
+                        let isum: i32 = w.iter().zip(xb).map(|(&w, &v)| w * i32::from(v)).sum();
+                        acc[r] += s[r] * x.d[b] * isum as f32;
+                    }
                 }
                 b += 1;
             }
-            for r in 0..TILE {
-                zeros[r] += s[r] * z[r] * sum;
+            for (sums, zeros) in group_sums.iter().zip(zeros.iter_mut()) {
+                for r in 0..TILE {
+                    zeros[r] += s[r] * z[r] * sums[g];
+                }
             }
         }
-        std::array::from_fn(|r| acc[r] - zeros[r])
+        std::array::from_fn(|j| std::array::from_fn(|r| acc[j][r] - zeros[j][r]))
+    }
+}
+
+/// Activation vectors multiplied in one pass over the weights: each weight
+/// load and unpacking serves this many products (more would spill the
+/// sixteen AVX2 registers).
+const MAX_X: usize = 4;
+
+/// The number of vectors in `x` (`n × cols`), checking that `y` holds
+/// `n × rows`.
+fn rows_of(x: &[f32], y: &[f32], rows: usize, cols: usize) -> usize {
+    let n = x.len() / cols.max(1);
+    assert_eq!(x.len(), n * cols, "x is not a whole number of rows");
+    assert_eq!(y.len(), n * rows, "y does not hold n × rows");
+    n
+}
+
+/// Runs `f(block, out)` over the team for every block of `unit` weight
+/// rows, `per_task` blocks per task, where `out` takes the block's products
+/// with all `n` vectors, `[x][row]`; then `y` (`n × rows`) gets them. With
+/// one vector `out` is `y`'s own slice (the last block's cut short);
+/// with several, a scratch buffer is transposed into `y`.
+fn by_blocks(
+    y: &mut [f32],
+    n: usize,
+    unit: usize,
+    per_task: usize,
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let team = Team::global();
+    if n == 1 {
+        team.run_chunks_mut(y, per_task * unit, &|task, out| {
+            for (k, out) in out.chunks_mut(unit).enumerate() {
+                f(task * per_task + k, out);
+            }
+        });
+        return;
+    }
+    let rows = y.len() / n.max(1);
+    let blocks = rows.div_ceil(unit);
+    let mut scratch = vec![0f32; blocks * n * unit];
+    team.run_chunks_mut(&mut scratch, per_task * n * unit, &|task, out| {
+        for (k, out) in out.chunks_mut(n * unit).enumerate() {
+            f(task * per_task + k, out);
+        }
+    });
+    for (b, block) in scratch.chunks_exact(n * unit).enumerate() {
+        for (j, values) in block.chunks_exact(unit).enumerate() {
+            let at = b * unit;
+            let end = (at + unit).min(rows);
+            y[j * rows + at..j * rows + end].copy_from_slice(&values[..end - at]);
+        }
     }
 }
 
@@ -394,26 +491,46 @@ impl Int8Matrix {
         Self::new(q, scales, rows, cols)
     }
 
-    fn gemv_int8(&self, x: &[f32], y: &mut [f32]) {
-        assert_eq!(x.len(), self.cols);
-        assert_eq!(y.len(), self.rows);
-        let xq = QuantizedX::new(x);
+    /// `y = W·x` for `n` vectors `x` (`n × cols`) into `y` (`n × rows`):
+    /// each weight row is read once for all of them.
+    fn product_int8(&self, x: &[f32], y: &mut [f32]) {
+        let n = rows_of(x, y, self.rows, self.cols);
+        let xq: Vec<QuantizedX> = x.chunks_exact(self.cols).map(QuantizedX::new).collect();
         let avx2 = has_avx2_fma_f16c();
         let cols = self.cols;
-        let per_task = ROWS_PER_TASK * 4;
-        Team::global().run_chunks_mut(y, per_task, &|task, out| {
-            for (k, out) in out.iter_mut().enumerate() {
-                let r = task * per_task + k;
-                let row = &self.q[r * cols..(r + 1) * cols];
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: AVX2 and FMA checked above; `xq` covers the
-                    // row's columns.
-                    *out = self.scales[r] * unsafe { x86::int8_dot(row, &xq) };
-                    continue;
+        by_blocks(y, n, 1, ROWS_PER_TASK * 4, &|r, out| {
+            let row = &self.q[r * cols..(r + 1) * cols];
+            let mut j = 0;
+            while j < n {
+                let m = (n - j).min(MAX_X);
+                macro_rules! pass {
+                    ($n:literal) => {{
+                        let xs: [&QuantizedX; $n] = std::array::from_fn(|i| &xq[j + i]);
+                        #[cfg(target_arch = "x86_64")]
+                        let v = if avx2 {
+                            // SAFETY: AVX2 and FMA checked above; the kernel
+                            // checks that `xs` cover the row's columns.
+                            unsafe { x86::int8_dot(row, xs) }
+                        } else {
+                            int8_dot_portable(row, xs)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let v = {
+                            let _ = avx2;
+                            int8_dot_portable(row, xs)
+                        };
+                        for (o, v) in out[j..j + $n].iter_mut().zip(v) {
+                            *o = self.scales[r] * v;
+                        }
+                    }};
                 }
-                let _ = avx2;
-                *out = self.scales[r] * int8_dot_portable(row, &xq);
+                match m {
+                    1 => pass!(1),
+                    2 => pass!(2),
+                    3 => pass!(3),
+                    _ => pass!(4),
+                }
+                j += m;
             }
         });
     }
@@ -432,20 +549,22 @@ impl Int8Matrix {
     }
 }
 
-/// `Σ_b d_b·(q·x_q)_b` over one int8 row.
-fn int8_dot_portable(row: &[i8], x: &QuantizedX) -> f32 {
-    row.chunks(BLOCK)
-        .zip(x.q.chunks_exact(BLOCK))
-        .zip(&x.d)
-        .map(|((w, xb), d)| {
-            let isum: i32 = w
-                .iter()
-                .zip(xb)
-                .map(|(&a, &b)| i32::from(a) * i32::from(b))
-                .sum();
-            d * isum as f32
-        })
-        .sum()
+/// `Σ_b d_b·(q·x_q)_b` over one int8 row, for each of `xs`.
+fn int8_dot_portable<const N: usize>(row: &[i8], xs: [&QuantizedX; N]) -> [f32; N] {
+    xs.map(|x| {
+        row.chunks(BLOCK)
+            .zip(x.q.chunks_exact(BLOCK))
+            .zip(&x.d)
+            .map(|((w, xb), d)| {
+                let isum: i32 = w
+                    .iter()
+                    .zip(xb)
+                    .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                    .sum();
+                d * isum as f32
+            })
+            .sum()
+    })
 }
 
 /// A weight matrix the CPU kernels multiply with.
@@ -453,14 +572,19 @@ pub trait MatVec: Send + Sync {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
     /// `y = W·x` for one vector `x` (`cols`) into `y` (`rows`).
-    fn gemv(&self, x: &[f32], y: &mut [f32]);
+    fn gemv(&self, x: &[f32], y: &mut [f32]) {
+        self.products(x, y)
+    }
+    /// `y = W·x` for each of the `n` vectors in `x` (`n × cols`, row-major)
+    /// into `y` (`n × rows`), reading the weights once for all of them.
+    fn products(&self, x: &[f32], y: &mut [f32]);
     /// The f32 weights, row-major (for products of many rows, where a dense
     /// matrix product is faster than any matrix–vector kernel).
     fn dequantize(&self) -> Vec<f32>;
 }
 
 macro_rules! mat_vec {
-    ($t:ty, $gemv:ident, $dequantize:ident) => {
+    ($t:ty, $products:ident, $dequantize:ident) => {
         impl MatVec for $t {
             fn rows(&self) -> usize {
                 self.rows
@@ -468,8 +592,8 @@ macro_rules! mat_vec {
             fn cols(&self) -> usize {
                 self.cols
             }
-            fn gemv(&self, x: &[f32], y: &mut [f32]) {
-                self.$gemv(x, y)
+            fn products(&self, x: &[f32], y: &mut [f32]) {
+                self.$products(x, y)
             }
             fn dequantize(&self) -> Vec<f32> {
                 self.$dequantize()
@@ -477,8 +601,8 @@ macro_rules! mat_vec {
         }
     };
 }
-mat_vec!(Int4Matrix, gemv_int4, dequantize_int4);
-mat_vec!(Int8Matrix, gemv_int8, dequantize_int8);
+mat_vec!(Int4Matrix, product_int4, dequantize_int4);
+mat_vec!(Int8Matrix, product_int8, dequantize_int8);
 
 fn has_avx2_fma_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -499,30 +623,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     const PREFETCH: usize = 1024;
-
-    /// `Σ_b p_b·k_b` (a vector) over blocks `0..n`, where `$block!(b)` gives
-    /// `(p_b, k_b)`: two blocks per iteration into two accumulators, so
-    /// consecutive blocks do not wait on each other's FMA. (A macro, as the
-    /// blocks' macros are: closures would not inherit the target features.)
-    macro_rules! sum_blocks {
-        ($n:expr, $block:ident) => {{
-            let n = $n;
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut b = 0;
-            while b + 1 < n {
-                let (p0, k0) = $block!(b);
-                let (p1, k1) = $block!(b + 1);
-                acc0 = _mm256_fmadd_ps(p0, k0, acc0);
-                acc1 = _mm256_fmadd_ps(p1, k1, acc1);
-                b += 2;
-            }
-            if b < n {
-                let (p0, k0) = $block!(b);
-                acc0 = _mm256_fmadd_ps(p0, k0, acc0);
-            }
-            _mm256_add_ps(acc0, acc1)
-        }};
-    }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -592,82 +692,132 @@ mod x86 {
     /// group, accumulates beside it. About 4 vector instructions per row and
     /// block where a row at a time needed ~20 (unpacking, a scale broadcast
     /// and a horizontal sum per row).
+    ///
+    /// With several activation vectors (`N`), each block's loads and masks
+    /// serve all of them: batched decode reads the weights once per step,
+    /// not once per sequence.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn int4_tile(tile: &Int4Tile, x: &QuantizedX, group_sums: &[f32]) -> [f32; TILE] {
+    pub unsafe fn int4_tile<const N: usize>(
+        tile: &Int4Tile,
+        xs: [&QuantizedX; N],
+        group_sums: [&[f32]; N],
+    ) -> [[f32; TILE]; N] {
         let per_group = tile.group / BLOCK;
         let group_bytes = HEADER + per_group * TILE_BLOCK;
         let groups = tile.data.len() / group_bytes;
-        assert!(x.d.len() >= groups * per_group && group_sums.len() >= groups);
-        let (base, xp, dp) = (tile.data.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        for (x, sums) in xs.iter().zip(&group_sums) {
+            assert!(x.d.len() >= groups * per_group && sums.len() >= groups);
+            assert!(x.q.len() >= groups * per_group * BLOCK);
+        }
+        let base = tile.data.as_ptr();
+        let xp: [*const i32; N] = std::array::from_fn(|j| xs[j].q.as_ptr().cast::<i32>());
+        let dp: [*const f32; N] = std::array::from_fn(|j| xs[j].d.as_ptr());
+        let sp: [*const f32; N] = std::array::from_fn(|j| group_sums[j].as_ptr());
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let (mut acc, mut zacc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut zacc = [_mm256_setzero_ps(); N];
         let mut b = 0;
-        for (g, &sum) in group_sums.iter().enumerate().take(groups) {
+        for g in 0..groups {
             let gp = base.add(g * group_bytes);
             let s = _mm256_cvtph_ps(_mm_loadu_si128(gp.cast()));
             let z = _mm256_cvtph_ps(_mm_loadu_si128(gp.add(2 * TILE).cast()));
-            zacc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(sum), zacc);
+            let sz = _mm256_mul_ps(s, z);
+            for j in 0..N {
+                zacc[j] = _mm256_fmadd_ps(sz, _mm256_set1_ps(*sp[j].add(g)), zacc[j]);
+            }
             for k in 0..per_group {
                 let w = gp.add(HEADER + k * TILE_BLOCK);
                 _mm_prefetch::<_MM_HINT_T0>(w.add(PREFETCH).cast());
                 _mm_prefetch::<_MM_HINT_T0>(w.add(PREFETCH + 64).cast());
-                let xb = xp.add(b * BLOCK).cast::<i32>();
+                // Two sums per vector (chunks 0–1 and 2–3), so the adds
+                // do not form one dependency chain.
+                let mut sum = [[_mm256_setzero_si256(); N]; 2];
                 // Chunk `c`: columns 8c..8c+4 (low nibbles) and 8c+4..8c+8.
-                macro_rules! chunk {
-                    ($c:expr) => {{
-                        let v = _mm256_loadu_si256(w.add(32 * $c).cast());
-                        let lo = _mm256_and_si256(v, mask);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-                        let x_lo = _mm256_set1_epi32(xb.add(2 * $c).read_unaligned());
-                        let x_hi = _mm256_set1_epi32(xb.add(2 * $c + 1).read_unaligned());
-                        _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, x_lo),
-                            _mm256_maddubs_epi16(hi, x_hi),
-                        )
-                    }};
+                for c in 0..4 {
+                    let v = _mm256_loadu_si256(w.add(32 * c).cast());
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+                    for j in 0..N {
+                        let xb = xp[j].add(b * BLOCK / 4 + 2 * c);
+                        let x_lo = _mm256_set1_epi32(xb.read_unaligned());
+                        let x_hi = _mm256_set1_epi32(xb.add(1).read_unaligned());
+                        sum[c / 2][j] = _mm256_add_epi16(
+                            sum[c / 2][j],
+                            _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, x_lo),
+                                _mm256_maddubs_epi16(hi, x_hi),
+                            ),
+                        );
+                    }
                 }
-                let sum = _mm256_add_epi16(
-                    _mm256_add_epi16(chunk!(0), chunk!(1)),
-                    _mm256_add_epi16(chunk!(2), chunk!(3)),
-                );
-                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
-                acc = _mm256_fmadd_ps(p, _mm256_mul_ps(s, _mm256_set1_ps(*dp.add(b))), acc);
+                for j in 0..N {
+                    let sum = _mm256_add_epi16(sum[0][j], sum[1][j]);
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+                    let scale = _mm256_mul_ps(s, _mm256_set1_ps(*dp[j].add(b)));
+                    acc[j] = _mm256_fmadd_ps(p, scale, acc[j]);
+                }
                 b += 1;
             }
         }
-        let mut out = [0f32; TILE];
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, zacc));
+        let mut out = [[0f32; TILE]; N];
+        for j in 0..N {
+            _mm256_storeu_ps(out[j].as_mut_ptr(), _mm256_sub_ps(acc[j], zacc[j]));
+        }
         out
     }
 
-    /// `Σ_b d_b·(q·x_q)_b` over one int8 row: `maddubs` needs an unsigned
-    /// operand, so `|q|` times `x` with `q`'s sign (`|q| ≤ 128`, `|x| ≤ 127`).
+    /// `Σ_b d_b·(q·x_q)_b` over one int8 row, for each of `xs`: `maddubs`
+    /// needs an unsigned operand, so `|q|` times `x` with `q`'s sign
+    /// (`|q| ≤ 128`, `|x| ≤ 127`). Two blocks per iteration into two
+    /// accumulators, so consecutive blocks do not wait on each other's FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn int8_dot(row: &[i8], x: &QuantizedX) -> f32 {
+    pub unsafe fn int8_dot<const N: usize>(row: &[i8], xs: [&QuantizedX; N]) -> [f32; N] {
         let full = row.len() / BLOCK;
-        let (wp, xp, dp) = (row.as_ptr(), x.q.as_ptr(), x.d.as_ptr());
+        for x in &xs {
+            assert!(x.q.len() >= row.len() && x.d.len() >= row.len().div_ceil(BLOCK));
+        }
+        let wp = row.as_ptr();
+        let xp: [*const i8; N] = std::array::from_fn(|j| xs[j].q.as_ptr());
+        let dp: [*const f32; N] = std::array::from_fn(|j| xs[j].d.as_ptr());
+        let mut acc0 = [_mm256_setzero_ps(); N];
+        let mut acc1 = [_mm256_setzero_ps(); N];
         macro_rules! block {
-            ($b:expr) => {{
+            ($b:expr, $acc:ident) => {{
                 let b = $b;
                 let w = _mm256_loadu_si256(wp.add(b * BLOCK).cast());
-                let v = _mm256_loadu_si256(xp.add(b * BLOCK).cast());
-                let p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
-                (p, _mm256_set1_ps(*dp.add(b)))
+                let w_abs = _mm256_sign_epi8(w, w);
+                for j in 0..N {
+                    let v = _mm256_loadu_si256(xp[j].add(b * BLOCK).cast());
+                    let p = dot_u8_i8(w_abs, _mm256_sign_epi8(v, w));
+                    $acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(*dp[j].add(b)), $acc[j]);
+                }
             }};
         }
-        let acc = sum_blocks!(full, block);
-        let tail: i32 = row[full * BLOCK..]
-            .iter()
-            .zip(&x.q[full * BLOCK..])
-            .map(|(&a, &b)| i32::from(a) * i32::from(b))
-            .sum();
-        let tail = if full * BLOCK < row.len() {
-            x.d[full] * tail as f32
-        } else {
-            0.0
-        };
-        hsum(acc) + tail
+        let mut b = 0;
+        while b + 1 < full {
+            block!(b, acc0);
+            block!(b + 1, acc1);
+            b += 2;
+        }
+        if b < full {
+            block!(b, acc0);
+        }
+        let mut out = [0f32; N];
+        for j in 0..N {
+            let tail: i32 = row[full * BLOCK..]
+                .iter()
+                .zip(&xs[j].q[full * BLOCK..])
+                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                .sum();
+            let tail = if full * BLOCK < row.len() {
+                xs[j].d[full] * tail as f32
+            } else {
+                0.0
+            };
+            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + tail;
+        }
+        out
     }
 }
 
@@ -796,7 +946,7 @@ mod tests {
             }
             for kernel in kernels {
                 let all: Vec<f32> = (0..m.tiles())
-                    .flat_map(|t| m.tile(t).product(kernel, &xq, &group_sums))
+                    .flat_map(|t| m.tile(t).product(kernel, [&xq], [&group_sums])[0])
                     .collect();
                 assert!(all[rows..].iter().all(|&v| v == 0.0), "{kernel:?}");
                 check(&all[..rows], &w, &x, mag);
@@ -822,7 +972,7 @@ mod tests {
             m.gemv(&x, &mut y);
             let xq = QuantizedX::new(&x);
             let y_portable: Vec<f32> = (0..rows)
-                .map(|r| m.scales[r] * int8_dot_portable(&m.q[r * cols..(r + 1) * cols], &xq))
+                .map(|r| m.scales[r] * int8_dot_portable(&m.q[r * cols..(r + 1) * cols], [&xq])[0])
                 .collect();
             let mag = |r: usize, x: &[f32]| -> f64 {
                 (0..cols)
@@ -841,12 +991,59 @@ mod tests {
                 if has_avx2_fma_f16c() {
                     // SAFETY: features checked; `xq` covers the columns.
                     check(
-                        &rows_by(&|row| unsafe { x86::int8_dot(row, &xq) }),
+                        &rows_by(&|row| unsafe { x86::int8_dot(row, [&xq])[0] }),
                         &w,
                         &x,
                         mag,
                     );
                 }
+            }
+        }
+    }
+
+    /// Products of several vectors at once equal each vector's own product
+    /// exactly (each vector's arithmetic is the same, in the same order),
+    /// for every count of vectors up to past two passes of [`MAX_X`], on
+    /// both matrix kinds, with a last tile of padding rows; and the portable
+    /// multi-vector tile product equals the one-vector one.
+    #[test]
+    fn products_of_many_vectors_equal_one_at_a_time() {
+        let (rows, cols, group) = (37, 128, 64);
+        let mut next = stream(11);
+        let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+        let g = rows * cols / group;
+        let scales: Vec<f32> = (0..g)
+            .map(|_| (next() % 1000) as f32 / 9000.0 + 0.01)
+            .collect();
+        let zeros: Vec<f32> = (0..g).map(|_| (next() % 16) as f32).collect();
+        let int4 = Int4Matrix::new(&q, &scales, &zeros, rows, cols, group);
+        let int8 = Int8Matrix::new(
+            (0..rows * cols).map(|_| (next() % 255) as i8).collect(),
+            (0..rows).map(|_| (next() % 100) as f32 / 3000.0).collect(),
+            rows,
+            cols,
+        );
+        for n in 1..=2 * MAX_X + 1 {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            for m in [&int4 as &dyn MatVec, &int8] {
+                let mut all = vec![0f32; n * rows];
+                m.products(&x, &mut all);
+                for (j, (xj, got)) in x.chunks(cols).zip(all.chunks(rows)).enumerate() {
+                    let mut one = vec![0f32; rows];
+                    m.gemv(xj, &mut one);
+                    assert_eq!(got, &one[..], "{n} vectors, vector {j}");
+                }
+            }
+            let xq: Vec<QuantizedX> = x.chunks(cols).map(QuantizedX::new).collect();
+            let sums: Vec<Vec<f32>> = xq.iter().map(|q| q.group_sums(group)).collect();
+            let mut out = vec![0f32; n * TILE];
+            int4.tile(4)
+                .products(Int4Kernel::Portable, &xq, &sums, &mut out);
+            for (j, got) in out.chunks(TILE).enumerate() {
+                let one = int4.tile(4).product_portable([&xq[j]], [&sums[j]]);
+                assert_eq!(got, &one[0][..], "portable, {n} vectors, vector {j}");
             }
         }
     }
@@ -962,5 +1159,26 @@ mod timings {
             head_time * 1e3,
             quantize * 1e6
         );
+        // A batch's decode step: n vectors through the same weights.
+        for n in [2, 4, 8] {
+            let xs: Vec<f32> = (0..n).flat_map(|_| x.iter().copied()).collect();
+            let mut ys = vec![0f32; n * ffn];
+            let layers_n = min_time(5, || {
+                for layer in &layers {
+                    for m in layer {
+                        m.products(&xs[..n * m.cols], &mut ys[..n * m.rows]);
+                    }
+                }
+            });
+            let mut logits_n = vec![0f32; n * 151_936];
+            let head_n = min_time(5, || head.products(&xs[..n * hidden], &mut logits_n));
+            println!(
+                "{n} vectors: layers {:.2} ms ({:.2}× one vector's time), head {:.2} ms ({:.2}×)",
+                layers_n * 1e3,
+                layers_n / all_layers,
+                head_n * 1e3,
+                head_n / head_time
+            );
+        }
     }
 }

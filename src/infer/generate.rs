@@ -77,24 +77,8 @@ pub fn generate_until(
     sampling: SamplingParams,
     stop_after: &mut dyn FnMut(u32) -> bool,
 ) -> Result<Generated, ModelError> {
+    check_prompt(model, prompt)?;
     let max_pos = model.max_positions();
-    if prompt.is_empty() {
-        return Err(ModelError::EmptyPrompt);
-    }
-    if prompt.len() > max_pos {
-        return Err(ModelError::TooLong {
-            what: "the prompt",
-            len: prompt.len(),
-            max: max_pos,
-        });
-    }
-    let vocab = model.config().vocab_size;
-    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ModelError::TokenOutOfRange {
-            id: id as i64,
-            vocab,
-        });
-    }
     let capacity = (prompt.len() + max_new_tokens).min(max_pos);
     let mut tokens = Vec::with_capacity(max_new_tokens);
     if max_new_tokens == 0 {
@@ -148,6 +132,156 @@ pub fn generate_until(
         decode: decode_start.elapsed(),
         decode_steps,
     })
+}
+
+fn check_prompt(model: &CausalLm, prompt: &[u32]) -> Result<(), ModelError> {
+    let max_pos = model.max_positions();
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    if prompt.len() > max_pos {
+        return Err(ModelError::TooLong {
+            what: "the prompt",
+            len: prompt.len(),
+            max: max_pos,
+        });
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ModelError::TokenOutOfRange {
+            id: id as i64,
+            vocab,
+        });
+    }
+    Ok(())
+}
+
+/// [`generate_until`] for several prompts at once, in one left-padded batch
+/// (`CausalLm::new_padded_cache`): each step runs every row through the
+/// model together, which on a GPU (and with the multi-row CPU kernels) costs
+/// little more than one row. `stop_after(row, id)` sees each new token of
+/// each row. A finished row rides along until the last one ends (its
+/// outputs are ignored). Each row's `prefill` is the batch's, its `decode`
+/// the time until it finished. The results are in the prompts' order.
+///
+/// Rows get the same tokens as alone up to floating-point rounding: the
+/// batch takes other kernels (a padded prompt pass, batched products), so
+/// where two candidates' logits nearly tie, greedy choices can differ.
+pub fn generate_batch_until(
+    model: &CausalLm,
+    prompts: &[&[u32]],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    sampling: SamplingParams,
+    stop_after: &mut dyn FnMut(usize, u32) -> bool,
+) -> Result<Vec<Generated>, ModelError> {
+    if let [prompt] = prompts {
+        let out = generate_until(
+            model,
+            prompt,
+            max_new_tokens,
+            stop_ids,
+            sampling,
+            &mut |id| stop_after(0, id),
+        )?;
+        return Ok(vec![out]);
+    }
+    for prompt in prompts {
+        check_prompt(model, prompt)?;
+    }
+    let rows = prompts.len();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let capacity = (longest + max_new_tokens).min(model.max_positions());
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut stops: Vec<Option<StopReason>> = vec![None; rows];
+    let mut decode_times = vec![Duration::ZERO; rows];
+    let mut decode_steps = vec![0usize; rows];
+    if rows == 0 || max_new_tokens == 0 {
+        return Ok((0..rows)
+            .map(|_| Generated {
+                tokens: Vec::new(),
+                stop: StopReason::MaxTokens,
+                prefill: Duration::ZERO,
+                decode: Duration::ZERO,
+                decode_steps: 0,
+            })
+            .collect());
+    }
+    let mut cache = model.new_padded_cache(&pads, capacity)?;
+    let mut samplers: Vec<Sampler> = (0..rows).map(|_| Sampler::new(sampling)).collect();
+    let _guard = tch::no_grad_guard();
+
+    let start = Instant::now();
+    // Padding is token 0 (any id in the vocabulary: no real token sees it).
+    let mut ids = vec![0i64; rows * longest];
+    for (row, prompt) in prompts.iter().enumerate() {
+        for (slot, &t) in ids[row * longest + pads[row]..]
+            .iter_mut()
+            .zip(prompt.iter())
+        {
+            *slot = t as i64;
+        }
+    }
+    let input = Tensor::from_slice(&ids).view([rows as i64, longest as i64]);
+    let logits = model.forward_last(&input, Some(&mut cache))?;
+    let mut next: Vec<u32> = (0..rows)
+        .map(|row| samplers[row].sample(&logits.get(row as i64)))
+        .collect();
+    let prefill = start.elapsed();
+
+    let decode_start = Instant::now();
+    let _threads = model.own_cpu_kernels.then(|| TorchThreads::set(1));
+    loop {
+        for row in 0..rows {
+            if stops[row].is_some() {
+                continue;
+            }
+            let id = next[row];
+            let stop = if stop_ids.contains(&id) {
+                Some(StopReason::StopToken(id))
+            } else {
+                tokens[row].push(id);
+                if stop_after(row, id) {
+                    Some(StopReason::Caller)
+                } else if tokens[row].len() >= max_new_tokens {
+                    Some(StopReason::MaxTokens)
+                } else if cache.len() >= capacity {
+                    Some(StopReason::ContextFull)
+                } else {
+                    None
+                }
+            };
+            if stop.is_some() {
+                stops[row] = stop;
+                decode_times[row] = decode_start.elapsed();
+            }
+        }
+        if stops.iter().all(Option::is_some) {
+            break;
+        }
+        let step: Vec<i64> = next.iter().map(|&t| t as i64).collect();
+        let input = Tensor::from_slice(&step).view([rows as i64, 1]);
+        let logits = model.forward_last(&input, Some(&mut cache))?;
+        for row in 0..rows {
+            if stops[row].is_none() {
+                decode_steps[row] += 1;
+                next[row] = samplers[row].sample(&logits.get(row as i64));
+            }
+        }
+    }
+    Ok(tokens
+        .into_iter()
+        .zip(stops)
+        .zip(decode_times.into_iter().zip(decode_steps))
+        .map(|((tokens, stop), (decode, decode_steps))| Generated {
+            tokens,
+            stop: stop.expect("every row stopped"),
+            prefill,
+            decode,
+            decode_steps,
+        })
+        .collect())
 }
 
 /// libtorch's intra-op thread count for a scope, restored on drop.

@@ -5,5 +5,5 @@ pub mod generate;
 pub mod quantized;
 pub mod sampling;
 
-pub use generate::{generate, generate_until, Generated, StopReason};
+pub use generate::{generate, generate_batch_until, generate_until, Generated, StopReason};
 pub use sampling::{Sampler, SamplingParams};

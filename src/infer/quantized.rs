@@ -196,8 +196,9 @@ impl Int4Linear {
     }
 }
 
-/// `rows` (n, in) through a CPU matrix: matrix–vector kernels for a few rows,
-/// a dense product of the dequantized weight for many. f32 in and out.
+/// `rows` (n, in) through a CPU matrix: its kernels for a few rows (reading
+/// the weights once for all of them: a batch's decode step), a dense
+/// product of the dequantized weight for many. f32 in and out.
 ///
 /// Decode calls this ~170 times per token, so the few-row case reads the
 /// input tensor's memory in place and writes straight into the output
@@ -232,9 +233,7 @@ fn cpu_product(rows: &Tensor, m: &dyn MatVec) -> Tensor {
             std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n * out_features),
         )
     };
-    for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(out_features)) {
-        m.gemv(xr, yr);
-    }
+    m.products(x, y);
     out
 }
 

@@ -397,10 +397,18 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 }
 
 /// Preallocated key/value cache: per layer (batch, n_kv_heads, capacity, head_dim).
+///
+/// A batch of prompts of different lengths shares one cache left-padded to
+/// the longest (`CausalLm::new_padded_cache`): row `b`'s first `pads[b]`
+/// positions hold padding that no real token attends to, and its tokens'
+/// rotary positions start at 0 after the padding, so each row computes what
+/// it would alone.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
     capacity: usize,
+    /// Left padding per row; empty when no row is padded.
+    pads: Vec<usize>,
 }
 
 impl KvCache {
@@ -412,6 +420,10 @@ impl KvCache {
     }
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+    /// Left padding of each row (empty when no row is padded).
+    pub fn pads(&self) -> &[usize] {
+        &self.pads
     }
     /// Forgets the cached tokens, keeping the allocation.
     pub fn reset(&mut self) {
@@ -466,6 +478,32 @@ impl Mask {
             allowed = allowed.logical_and(&(&q_pos - &k_pos).lt(w as i64));
         }
         Mask::Explicit(allowed.view([1, 1, q_len, kv_len]))
+    }
+
+    /// [`Mask::build`] for rows left-padded by `pads`: (batch, 1, q_len,
+    /// kv_len), where no query sees a padding key. A padding query sees
+    /// itself only, so that no row of the softmax is empty (its output is
+    /// never read, but a NaN there would reach real rows through the
+    /// cached values: 0·NaN is NaN).
+    fn build_padded(
+        q_len: i64,
+        past: i64,
+        window: Option<usize>,
+        pads: &[usize],
+        device: Device,
+    ) -> Mask {
+        let kv_len = past + q_len;
+        let opts = (Kind::Int64, device);
+        let q_pos = Tensor::arange_start(past, kv_len, opts).view([1, q_len, 1]);
+        let k_pos = Tensor::arange(kv_len, opts).view([1, 1, kv_len]);
+        let pads: Vec<i64> = pads.iter().map(|&p| p as i64).collect();
+        let pad = Tensor::from_slice(&pads).to_device(device).view([-1, 1, 1]);
+        let mut allowed = k_pos.le_tensor(&q_pos).logical_and(&k_pos.ge_tensor(&pad));
+        if let Some(w) = window {
+            allowed = allowed.logical_and(&(&q_pos - &k_pos).lt(w as i64));
+        }
+        let allowed = allowed.logical_or(&k_pos.eq_tensor(&q_pos));
+        Mask::Explicit(allowed.unsqueeze(1))
     }
 }
 
@@ -1013,6 +1051,30 @@ impl Positional {
         })
     }
 
+    /// [`Positional::context`] for rows left-padded by `pads` (one per row):
+    /// row `b`'s position `p` is at rotary position `p − pads[b]` (padding
+    /// at 0), and no real token attends to padding.
+    fn context_padded(&self, seq: i64, past: i64, pads: &[usize]) -> StepContext {
+        let device = self.opts.device;
+        let pad: Vec<i64> = pads.iter().map(|&p| p as i64).collect();
+        let positions = (Tensor::arange_start(past, past + seq, (Kind::Int64, device))
+            .unsqueeze(0)
+            - Tensor::from_slice(&pad).to_device(device).unsqueeze(1))
+        .clamp_min(0);
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.opts.kind);
+        let mut masks: Vec<(Option<usize>, Mask)> = Vec::new();
+        for &window in &self.windows {
+            if !masks.iter().any(|(w, _)| *w == window) {
+                let mask = Mask::build_padded(seq, past, window, pads, device);
+                masks.push((window, mask));
+            }
+        }
+        StepContext {
+            cos_sin: (cos, sin),
+            masks,
+        }
+    }
+
     /// Context for `seq` new positions after `past` cached ones, for `batch` rows.
     pub fn context(&self, batch: i64, seq: i64, past: i64) -> StepContext {
         let device = self.opts.device;
@@ -1145,7 +1207,18 @@ impl CausalLm {
             layers,
             len: 0,
             capacity,
+            pads: Vec::new(),
         })
+    }
+
+    /// A cache for one left-padded batch: row `b` starts with `pads[b]`
+    /// positions of padding (see [`KvCache`]).
+    pub fn new_padded_cache(&self, pads: &[usize], capacity: usize) -> Result<KvCache, ModelError> {
+        let mut cache = self.new_cache(pads.len(), capacity)?;
+        if pads.iter().any(|&p| p > 0) {
+            cache.pads = pads.to_vec();
+        }
+        Ok(cache)
     }
 
     /// Hidden states after the final norm, (batch, seq, hidden). With a cache,
@@ -1182,7 +1255,18 @@ impl CausalLm {
         }
         let ids = input_ids.to_device(self.opts.device);
         let mut x = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
-        let ctx = self.positional.context(b, s, past);
+        let ctx = match cache.as_deref() {
+            Some(c) if !c.pads.is_empty() => {
+                if c.pads.len() != b as usize {
+                    return Err(ModelError::Torch(tch::TchError::Torch(format!(
+                        "a batch of {b} rows on a cache padded for {}",
+                        c.pads.len()
+                    ))));
+                }
+                self.positional.context_padded(s, past, &c.pads)
+            }
+            _ => self.positional.context(b, s, past),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)));
         }
@@ -1213,7 +1297,11 @@ impl CausalLm {
         /// from the raw step's (a cautious bound: the crossover was not
         /// measured).
         const MAX_KV: usize = 2048;
-        if input_ids.size() != [1, 1] || cache.len >= MAX_KV || !self.decodes_on_slices() {
+        if input_ids.size() != [1, 1]
+            || cache.len >= MAX_KV
+            || !cache.pads.is_empty()
+            || !self.decodes_on_slices()
+        {
             return Ok(None);
         }
         let Some(embed) = cpu_f32(&self.embed_tokens) else {
