@@ -276,8 +276,7 @@ pub fn complete_batch(
         tokenizer,
         &prompts,
         &|i, text| cut_lines(text, samples[i].lines),
-        max_new_tokens,
-        stop_ids,
+        (max_new_tokens, stop_ids),
         batch,
         on_done,
     )?;

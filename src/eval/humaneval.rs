@@ -177,8 +177,7 @@ pub fn complete_batch(
         tokenizer,
         &prompts,
         &|_, text| truncate_at_stop(text),
-        MAX_NEW_TOKENS,
-        stop_ids,
+        (MAX_NEW_TOKENS, stop_ids),
         batch,
         on_done,
     )?;

@@ -23,8 +23,7 @@ pub(crate) fn complete_until_cut<E: From<ModelError> + From<TokenizerError>>(
     tokenizer: &CodeTokenizer,
     prompts: &[Vec<u32>],
     cut: &dyn Fn(usize, &str) -> &str,
-    max_new_tokens: usize,
-    stop_ids: &[u32],
+    (max_new_tokens, stop_ids): (usize, &[u32]),
     batch: usize,
     on_done: &mut dyn FnMut(usize),
 ) -> Result<Vec<(String, Generated)>, E> {
