@@ -23,11 +23,10 @@ fn tmp_name(dest: &Path) -> Result<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    anyhow::ensure!(
-        parent.is_dir(),
-        "directory {} does not exist",
-        parent.display()
-    );
+    // Missing parents are created, as `mkdir -p` would (a fresh cache or
+    // run directory is the common case, not a typo).
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("creating directory {}", parent.display()))?;
     Ok(parent.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
