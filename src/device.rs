@@ -92,6 +92,28 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
+/// Keeps freed CPU memory in the process instead of returning it to the
+/// kernel. libtorch allocates every intermediate tensor with `malloc`, and
+/// glibc serves large requests with fresh `mmap`s (and trims the heap top
+/// back to the kernel), so each training step page-faulted and zeroed
+/// gigabytes anew: 14% of a LoRA step's CPU time in the kernel on a 2-core
+/// machine. With the mmap threshold at glibc's maximum (32 MiB, which the
+/// chunked loss stays under) and trimming off, those requests are recycled
+/// from the heap; the peak footprint is unchanged (freed memory is reused,
+/// not added to). No effect on other C libraries.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD_MAX: libc::c_int = 32 << 20;
+        // SAFETY: mallopt only sets allocator parameters; called before
+        // any libtorch work starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

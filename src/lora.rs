@@ -120,16 +120,31 @@ pub struct LoraLinear {
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.base.forward(x);
-        let mut h = x.to_kind(self.a.kind());
+        let mut h = x.shallow_clone();
         if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
             h = h.dropout(self.dropout, true);
         }
+        if x.kind() == self.a.kind() {
+            // f32 base: PEFT's arithmetic exactly (the reference tests).
+            let delta = h
+                .linear::<Tensor>(&self.a, None)
+                .linear::<Tensor>(&self.b, None)
+                * self.scaling;
+            return y + delta;
+        }
+        // bf16/f16 base: the low-rank path runs in the base's dtype from
+        // rounded copies of the f32 weights (mixed precision, as under
+        // `torch.autocast`; the products still accumulate in f32), the
+        // scaling folded into B. PEFT instead converts the activations to
+        // f32 and the sum back: two copies of a (tokens × features) tensor
+        // per layer and per direction, a large share of a CPU step. The
+        // gradients reach the f32 A and B through the casts.
+        let kind = x.kind();
+        let b = (&self.b * self.scaling).to_kind(kind);
         let delta = h
-            .linear::<Tensor>(&self.a, None)
-            .linear::<Tensor>(&self.b, None)
-            * self.scaling;
-        let kind = y.kind();
-        y + delta.to_kind(kind)
+            .linear::<Tensor>(&self.a.to_kind(kind), None)
+            .linear::<Tensor>(&b, None);
+        y + delta
     }
     fn in_features(&self) -> i64 {
         self.base.in_features()

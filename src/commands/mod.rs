@@ -24,6 +24,7 @@ pub enum Outcome {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    crate::device::keep_freed_memory();
     if let Some(threads) = cli.threads {
         anyhow::ensure!(threads > 0, "--threads must be at least 1");
         tch::set_num_threads(threads);

@@ -106,7 +106,7 @@ impl Trainer {
                     hidden,
                     ids,
                     Some(scale),
-                    loss::CHUNK_TOKENS,
+                    loss::chunk_tokens(model.lm_head.out_features()),
                 )
                 .map(|(sum, _)| sum)
             };
@@ -173,7 +173,7 @@ impl Trainer {
                     &hidden,
                     &ids,
                     None,
-                    loss::CHUNK_TOKENS,
+                    loss::chunk_tokens(model.lm_head.out_features()),
                 )?;
                 total += sum;
                 n += count;
