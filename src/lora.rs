@@ -7,6 +7,12 @@
 //! `alpha / r` (rsLoRA: `alpha / √r`). The trainable tensors are f32 whatever
 //! the base dtype (bf16 on CUDA), and live only in [`Adapter::params`]: the
 //! optimizer is handed that list and never sees a base weight.
+//!
+//! DoRA (Liu et al., arXiv 2402.09353) as PEFT implements it
+//! (`DoraLinearVariant`): a trainable magnitude `m` (out) per module, started
+//! at the row norms of W, and `y = base(x) + (m/‖W + s·BA‖ − 1)·(x Wᵀ) +
+//! (m/‖W + s·BA‖)·s·B A x`, the norm detached from the graph (the paper's
+//! §4.3); merged as `(m/‖W + s·BA‖) ⊙ (W + s·BA)`, row by row.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +36,8 @@ pub enum LoraError {
     UnknownTarget { name: String, available: String },
     #[error("{}: {msg}", path.display())]
     Adapter { path: PathBuf, msg: String },
+    #[error("DoRA needs the dense weight of `{name}`, which is quantized; train DoRA on an unquantized base")]
+    DoraNeedsDense { name: String },
     #[error("reading {}", path.display())]
     Io {
         path: PathBuf,
@@ -48,6 +56,8 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f64,
     pub use_rslora: bool,
+    /// DoRA: a trainable magnitude vector per module (PEFT `use_dora`).
+    pub use_dora: bool,
     /// Module names (`q_proj`, `self_attn.o_proj`), matched as suffixes of
     /// the full name as PEFT does; empty = "all-linear".
     pub targets: Vec<String>,
@@ -112,17 +122,61 @@ pub struct LoraLinear {
     pub a: Tensor,
     /// (out_features, r), f32, requires grad.
     pub b: Tensor,
+    /// DoRA's magnitude (out_features), f32, requires grad.
+    pub magnitude: Option<Tensor>,
     scaling: f64,
     dropout: f64,
     training: Arc<AtomicBool>,
+}
+
+impl LoraLinear {
+    /// PEFT's `DoraLinearVariant.forward` (in f32 whatever the base dtype,
+    /// as PEFT casts the input to the LoRA weights' dtype): `h` is the input
+    /// after dropout, `y` the base output of the undropped input.
+    fn dora(&self, h: &Tensor, y: Tensor, magnitude: &Tensor, dropped: bool) -> Tensor {
+        let w = self
+            .base
+            .dense_weight()
+            .expect("DoRA layers have a dense base (checked when attached)")
+            .to_kind(Kind::Float);
+        let norm = tch::no_grad(|| row_norms(&w, &self.b.matmul(&self.a), self.scaling));
+        let scale = magnitude / norm;
+        let h = h.to_kind(Kind::Float);
+        let lora = h
+            .linear::<Tensor>(&self.a, None)
+            .linear::<Tensor>(&self.b, None);
+        let base = if dropped {
+            h.linear::<Tensor>(&w, None)
+        } else {
+            match self.base.bias() {
+                Some(bias) => y.to_kind(Kind::Float) - bias.to_kind(Kind::Float),
+                None => y.to_kind(Kind::Float),
+            }
+        };
+        let dora = (&scale - 1.0) * base + scale * lora * self.scaling;
+        (y.to_kind(Kind::Float) + dora).to_kind(y.kind())
+    }
+}
+
+/// `‖W + s·ΔW‖` of every row (PEFT's `get_weight_norm`, norm over the input
+/// dimension), in f32.
+fn row_norms(w: &Tensor, lora_weight: &Tensor, scaling: f64) -> Tensor {
+    let full = w.to_kind(Kind::Float) + lora_weight * scaling;
+    full.square()
+        .sum_dim_intlist(&[1i64][..], false, Kind::Float)
+        .sqrt()
 }
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.base.forward(x);
         let mut h = x.shallow_clone();
-        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+        let dropped = self.dropout > 0.0 && self.training.load(Ordering::Relaxed);
+        if dropped {
             h = h.dropout(self.dropout, true);
+        }
+        if let Some(m) = &self.magnitude {
+            return self.dora(&h, y, m, dropped);
         }
         if x.kind() == self.a.kind() {
             // f32 base: PEFT's arithmetic exactly (the reference tests).
@@ -167,12 +221,19 @@ pub struct LoraModule {
     pub name: String,
     pub a: Tensor,
     pub b: Tensor,
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraModule {
     /// PEFT's saved key of A or B: `base_model.model.{name}.lora_A.weight`.
     pub fn key(&self, which: char) -> String {
         format!("base_model.model.{}.lora_{which}.weight", self.name)
+    }
+
+    /// PEFT's saved key of the DoRA magnitude (no `.weight` suffix: PEFT
+    /// saves the `lora_magnitude_vector.default.weight` parameter under it).
+    pub fn magnitude_key(&self) -> String {
+        format!("base_model.model.{}.lora_magnitude_vector", self.name)
     }
 }
 
@@ -205,17 +266,38 @@ impl Adapter {
                 .f_uniform_(-bound, bound)?
                 .set_requires_grad(true);
             let b = Tensor::f_zeros([out_f, r], (Kind::Float, device))?.set_requires_grad(true);
+            let magnitude = if config.use_dora {
+                // PEFT starts m at ‖W + s·BA‖ = ‖W‖ (B is zero), computed in
+                // the base weight's dtype.
+                let w = slot
+                    .dense_weight()
+                    .ok_or_else(|| LoraError::DoraNeedsDense { name: name.clone() })?;
+                let norms = tch::no_grad(|| {
+                    row_norms(w, &Tensor::zeros_like(&w.to_kind(Kind::Float)), 0.0)
+                        .to_kind(w.kind())
+                        .to_kind(Kind::Float)
+                });
+                Some(norms.set_requires_grad(true))
+            } else {
+                None
+            };
             let placeholder: Box<dyn Linear> = Box::new(DenseLinear::new(Tensor::new(), None));
             let base = std::mem::replace(slot, placeholder);
             *slot = Box::new(LoraLinear {
                 base,
                 a: a.shallow_clone(),
                 b: b.shallow_clone(),
+                magnitude: magnitude.as_ref().map(Tensor::shallow_clone),
                 scaling: config.scaling(),
                 dropout: config.dropout,
                 training: training.clone(),
             });
-            modules.push(LoraModule { name, a, b });
+            modules.push(LoraModule {
+                name,
+                a,
+                b,
+                magnitude,
+            });
         }
         Ok(Self {
             config: config.clone(),
@@ -229,24 +311,22 @@ impl Adapter {
         self.training.store(on, Ordering::Relaxed);
     }
 
-    /// The trainable tensors, A then B of each module, in model order.
+    /// The trainable tensors, A then B (then DoRA's magnitude) of each
+    /// module, in model order.
     pub fn params(&self) -> Vec<(String, Tensor)> {
-        self.modules
-            .iter()
-            .flat_map(|m| {
-                [
-                    (m.key('A'), m.a.shallow_clone()),
-                    (m.key('B'), m.b.shallow_clone()),
-                ]
-            })
-            .collect()
+        let mut out = Vec::new();
+        for m in &self.modules {
+            out.push((m.key('A'), m.a.shallow_clone()));
+            out.push((m.key('B'), m.b.shallow_clone()));
+            if let Some(mag) = &m.magnitude {
+                out.push((m.magnitude_key(), mag.shallow_clone()));
+            }
+        }
+        out
     }
 
     pub fn n_params(&self) -> i64 {
-        self.modules
-            .iter()
-            .map(|m| m.a.numel() as i64 + m.b.numel() as i64)
-            .sum()
+        self.params().iter().map(|(_, t)| t.numel() as i64).sum()
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) into `dir`.
@@ -363,7 +443,7 @@ impl AdapterConfigFile {
             lora_dropout: c.dropout,
             target_modules: serde_json::json!(c.target_names()),
             use_rslora: c.use_rslora,
-            use_dora: false,
+            use_dora: c.use_dora,
             bias: Some("none".into()),
             fan_in_fan_out: false,
             rest: rest.as_object().cloned().unwrap_or_default(),
@@ -386,9 +466,6 @@ impl AdapterConfigFile {
                 "peft_type is {:?}; only LORA adapters are supported",
                 c.peft_type
             )));
-        }
-        if c.use_dora {
-            return Err(bad("DoRA adapters (use_dora) are not supported".into()));
         }
         if c.fan_in_fan_out {
             return Err(bad(
@@ -416,9 +493,33 @@ impl AdapterConfigFile {
     }
 }
 
-/// The dense update `scaling · B A` of every module of a saved adapter, keyed
-/// by the base weight it applies to (`model.layers.0.self_attn.q_proj.weight`).
-pub fn read_deltas(dir: &Path, device: Device) -> Result<HashMap<String, Tensor>, LoraError> {
+/// What a saved adapter does to one base weight.
+#[derive(Debug)]
+pub struct Update {
+    /// `scaling · B A`, f32.
+    pub delta: Tensor,
+    /// DoRA's magnitude (out), f32.
+    pub magnitude: Option<Tensor>,
+}
+
+impl Update {
+    /// The merged weight in f32: `W + ΔW`, or with DoRA
+    /// `(m / ‖W + ΔW‖) ⊙ (W + ΔW)` row by row (PEFT's `merge_safe`).
+    pub fn apply(&self, w: &Tensor) -> Tensor {
+        let full = w.to_kind(Kind::Float) + &self.delta;
+        match &self.magnitude {
+            Some(m) => {
+                let norms = row_norms(&full, &Tensor::zeros_like(&full), 0.0);
+                (m / norms).unsqueeze(1) * full
+            }
+            None => full,
+        }
+    }
+}
+
+/// The update of every module of a saved adapter, keyed by the base weight
+/// it applies to (`model.layers.0.self_attn.q_proj.weight`).
+pub fn read_deltas(dir: &Path, device: Device) -> Result<HashMap<String, Update>, LoraError> {
     let config = AdapterConfigFile::read(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS);
     let ckpt = Checkpoint::open(&path)?;
@@ -433,11 +534,17 @@ pub fn read_deltas(dir: &Path, device: Device) -> Result<HashMap<String, Tensor>
             .strip_prefix("base_model.model.")
             .and_then(|k| k.strip_suffix(".lora_A.weight"))
         else {
-            if key.ends_with(".lora_B.weight") {
+            let dora = config.use_dora && key.ends_with(".lora_magnitude_vector");
+            if key.ends_with(".lora_B.weight") || dora {
                 continue;
             }
             return Err(bad(format!(
-                "unexpected tensor `{key}` (expected base_model.model.*.lora_A/lora_B.weight)"
+                "unexpected tensor `{key}` (expected base_model.model.*.lora_A/lora_B.weight{})",
+                if config.use_dora {
+                    "/lora_magnitude_vector"
+                } else {
+                    ""
+                }
             )));
         };
         let b_key = format!("base_model.model.{module}.lora_B.weight");
@@ -453,7 +560,25 @@ pub fn read_deltas(dir: &Path, device: Device) -> Result<HashMap<String, Tensor>
                 b.size()
             )));
         }
-        deltas.insert(format!("{module}.weight"), b.matmul(&a) * config.scaling());
+        let magnitude = if config.use_dora {
+            let m_key = format!("base_model.model.{module}.lora_magnitude_vector");
+            if !ckpt.contains(&m_key) {
+                return Err(bad(format!("use_dora is set but `{m_key}` is missing")));
+            }
+            let m = ckpt.tensor_any_shape(&m_key, Kind::Float, device)?;
+            if m.size() != [b.size()[0]] {
+                return Err(bad(format!(
+                    "`{m_key}` has shape {:?}, expected [{}]",
+                    m.size(),
+                    b.size()[0]
+                )));
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let delta = b.matmul(&a) * config.scaling();
+        deltas.insert(format!("{module}.weight"), Update { delta, magnitude });
     }
     if deltas.is_empty() {
         return Err(bad("no LoRA tensors".into()));
@@ -476,6 +601,7 @@ mod tests {
             base,
             a: a.shallow_clone(),
             b: b.shallow_clone(),
+            magnitude: None,
             scaling: 2.0,
             dropout: 0.5,
             training: Arc::new(AtomicBool::new(false)),
@@ -496,6 +622,7 @@ mod tests {
             alpha: 32.0,
             dropout: 0.0,
             use_rslora: false,
+            use_dora: false,
             targets: vec!["q_proj".into(), "mlp.down_proj".into()],
         };
         assert_eq!(c.scaling(), 2.0);
@@ -522,7 +649,7 @@ pub struct MergeSummary {
 }
 
 /// Writes `base` with `adapter` folded into its weights (`W + scaling · B A`,
-/// computed in f32 and stored in each weight's own dtype) as a model
+/// DoRA's rescaled rows when the adapter has them; computed in f32 and stored in each weight's own dtype) as a model
 /// directory in `out` (which must exist), with the base's config, tokenizer
 /// and generation files copied.
 pub fn merge(
@@ -555,20 +682,20 @@ pub fn merge(
             })
         })?;
         let tensor = match deltas.remove(&name) {
-            Some(delta) => {
+            Some(update) => {
                 let w = ckpt.tensor_any_shape(&name, Kind::Float, Device::Cpu)?;
-                if w.size() != delta.size() {
+                if w.size() != update.delta.size() {
                     return Err(LoraError::Adapter {
                         path: adapter.join(ADAPTER_WEIGHTS),
                         msg: format!(
                             "the update of `{name}` is {:?}, the base weight {:?}",
-                            delta.size(),
+                            update.delta.size(),
                             w.size()
                         ),
                     });
                 }
                 merged_modules += 1;
-                (w + delta).to_kind(kind)
+                update.apply(&w).to_kind(kind)
             }
             None => ckpt.tensor_any_shape(&name, kind, Device::Cpu)?,
         };

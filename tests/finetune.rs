@@ -81,6 +81,7 @@ fn bf16_base_gradients_track_f32_peft() {
         alpha: meta["alpha"].as_f64().unwrap(),
         dropout: 0.0,
         use_rslora: false,
+        use_dora: false,
         targets,
     };
     let adapter = Adapter::attach(&mut model, &config).unwrap();
@@ -148,6 +149,7 @@ fn adamw_steps_match_peft(checkpointing: bool) {
         alpha: f("alpha"),
         dropout: 0.0,
         use_rslora: false,
+        use_dora: false,
         targets,
     };
     let adapter = Adapter::attach(&mut model, &config).unwrap();
@@ -294,9 +296,21 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn trained_adapter_loads_in_peft_and_merges_like_peft() {
+    adapter_matches_peft(false);
+}
+
+/// The same with DoRA: PEFT loads the magnitudes, gives the same logits and
+/// gradients (A, B and magnitude), and merges to the same weights.
+#[test]
+fn trained_dora_adapter_loads_in_peft_and_merges_like_peft() {
+    adapter_matches_peft(true);
+}
+
+fn adapter_matches_peft(dora: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path());
-    let text = recipe(&data, "out", "max_steps = 12", "")
+    let extra_lora = if dora { "use_dora = true" } else { "" };
+    let text = recipe(&data, "out", "max_steps = 12", extra_lora)
         .replace("dir = \"out\"", "dir = \"out\"\nmerge = true");
     std::fs::write(tmp.path().join("recipe.toml"), text).unwrap();
     let run = qcoder_ok(&[&"finetune", &"recipe.toml"], tmp.path());
@@ -353,6 +367,7 @@ fn trained_adapter_loads_in_peft_and_merges_like_peft() {
             alpha: 8.0,
             dropout: 0.0,
             use_rslora: false,
+            use_dora: dora,
             targets: Vec::new(),
         },
     )
@@ -360,12 +375,18 @@ fn trained_adapter_loads_in_peft_and_merges_like_peft() {
     adapter.load_weights(&out.join("adapter")).unwrap();
     let ids = (Tensor::arange(40, (Kind::Int64, Device::Cpu)).view([2, 20]) * 7).remainder(500);
     let logits = tch::no_grad(|| model.forward(&ids, None).unwrap());
+    // And the gradients of the mean next-token loss on the same ids.
+    let n = (2 * 19) as f64;
+    let hidden = model.forward_hidden(&ids, None).unwrap();
+    loss::next_token_loss(model.lm_head.as_ref(), &hidden, &ids, Some(1.0 / n), 7).unwrap();
+    let mut tensors = vec![("input_ids".into(), ids), ("logits".into(), logits)];
+    let params = adapter.params();
+    assert_eq!(params.len(), if dora { 3 * 14 } else { 2 * 14 });
+    for (key, p) in params {
+        tensors.push((format!("grad.{key}"), p.grad()));
+    }
     let logits_path = tmp.path().join("qcoder_logits.safetensors");
-    qcoder::lora::save_tensors(
-        &logits_path,
-        &[("input_ids".into(), ids), ("logits".into(), logits)],
-    )
-    .unwrap();
+    qcoder::lora::save_tensors(&logits_path, &tensors).unwrap();
     let check = Command::new(python())
         .arg(root().join("tests/python/peft_check.py"))
         .arg(fixture_model())
@@ -389,6 +410,16 @@ fn trained_adapter_loads_in_peft_and_merges_like_peft() {
         result["merge_max_diff"].as_f64().unwrap() <= 1e-5,
         "{result}"
     );
+    assert_eq!(
+        result["grads_compared"].as_u64().unwrap(),
+        if dora { 3 * 14 } else { 2 * 14 },
+        "{result}"
+    );
+    assert!(
+        result["grad_max_rel_diff"].as_f64().unwrap() <= 1e-4,
+        "{result}"
+    );
+    assert_eq!(result["grads_missing"], serde_json::json!([]), "{result}");
     assert_eq!(
         result["missing_in_merged"],
         serde_json::json!([]),
@@ -514,9 +545,9 @@ fn bad_recipes_exit_2_naming_the_problem() {
             &["no text found"],
         ),
         (
-            "dora",
-            good.replace("target_modules", "use_dora = true\ntarget_modules"),
-            &["lora.use_dora"],
+            "dropout",
+            good.replace("target_modules", "dropout = 1.5\ntarget_modules"),
+            &["lora.dropout", "1.5"],
         ),
         (
             "schedule",

@@ -55,6 +55,7 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         alpha: recipe.lora.alpha,
         dropout: recipe.lora.dropout,
         use_rslora: recipe.lora.use_rslora,
+        use_dora: recipe.lora.use_dora,
         targets: match &recipe.lora.target_modules {
             TargetModules::Keyword(_) => Vec::new(),
             TargetModules::Names(names) => names.clone(),

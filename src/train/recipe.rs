@@ -459,12 +459,6 @@ impl Recipe {
         if !(0.0..1.0).contains(&l.dropout) {
             return Err(("lora.dropout", format!("{} is not in [0, 1)", l.dropout)));
         }
-        if l.use_dora {
-            return Err((
-                "lora.use_dora",
-                "DoRA is not supported by qcoder yet; set use_dora = false".into(),
-            ));
-        }
         if let TargetModules::Keyword(k) = &l.target_modules {
             if k != "all-linear" {
                 return Err((
@@ -626,8 +620,8 @@ dir = "out"
     #[test]
     fn bad_values_name_the_field() {
         let mut r = Recipe::parse(MIN).unwrap();
-        r.lora.use_dora = true;
-        assert_eq!(r.validate().unwrap_err().0, "lora.use_dora");
+        r.lora.dropout = 1.0;
+        assert_eq!(r.validate().unwrap_err().0, "lora.dropout");
         let mut r = Recipe::parse(MIN).unwrap();
         r.train.warmup_ratio = Some(0.1);
         r.train.warmup_steps = Some(3);
