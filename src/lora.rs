@@ -195,10 +195,13 @@ impl Linear for LoraLinear {
         // gradients reach the f32 A and B through the casts.
         let kind = x.kind();
         let b = (&self.b * self.scaling).to_kind(kind);
-        let delta = h
-            .linear::<Tensor>(&self.a.to_kind(kind), None)
-            .linear::<Tensor>(&b, None);
-        y + delta
+        let xa = h.linear::<Tensor>(&self.a.to_kind(kind), None);
+        // y + xa·Bᵀ as one product that accumulates into y (no separate
+        // elementwise pass over the layer's output).
+        let (r, out) = (xa.size()[xa.dim() - 1], y.size()[y.dim() - 1]);
+        y.reshape([-1, out])
+            .addmm(&xa.reshape([-1, r]), &b.tr())
+            .view(y.size().as_slice())
     }
     fn in_features(&self) -> i64 {
         self.base.in_features()
