@@ -47,27 +47,17 @@ fn gradient_checkpointing_matches_peft() {
     adamw_steps_match_peft(true);
 }
 
-/// A bf16 base (the fast setting on CPUs with bf16 matrix units, and the
-/// default on CUDA) with f32 LoRA weights: the low-rank path runs in bf16
-/// (mixed precision), so the gradients match PEFT's f32 ones to bf16
-/// precision (8 significant bits, 2^-8 ≈ 0.4% per rounding, a few roundings
-/// deep), not to 1e-4; the test bounds them at 5% of the largest element.
-/// Measured: 3.2%, against 3.4% with PEFT's arithmetic (the low-rank path in
-/// f32) on the same bf16 base, so the rounded base weights, not the bf16
-/// low-rank path, account for the difference.
-#[test]
-fn bf16_base_gradients_track_f32_peft() {
+/// The PEFT reference (tests/fixtures/lora/): its metadata, its tensors, and
+/// the fixture model loaded in `kind` with the reference's initial adapter.
+fn reference_model(kind: Kind) -> (serde_json::Value, Checkpoint, model::CausalLm, Adapter) {
     let dir = root().join("tests/fixtures/lora");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
     let reference = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
-    let batch1 = reference
-        .tensor_any_shape("batch1", Kind::Int64, Device::Cpu)
-        .unwrap();
     let opts = LoadOptions {
         device: Device::Cpu,
-        kind: Kind::BFloat16,
+        kind,
     };
     let mut model = model::load_dir(&fixture_model(), opts).unwrap();
     let targets = meta["target_modules"]
@@ -86,6 +76,23 @@ fn bf16_base_gradients_track_f32_peft() {
     };
     let adapter = Adapter::attach(&mut model, &config).unwrap();
     adapter.load_weights(&dir.join("init")).unwrap();
+    (meta, reference, model, adapter)
+}
+
+/// A bf16 base (the fast setting on CPUs with bf16 matrix units, and the
+/// default on CUDA) with f32 LoRA weights: the low-rank path runs in bf16
+/// (mixed precision), so the gradients match PEFT's f32 ones to bf16
+/// precision (8 significant bits, 2^-8 ≈ 0.4% per rounding, a few roundings
+/// deep), not to 1e-4; the test bounds them at 5% of the largest element.
+/// Measured: 3.2%, against 3.4% with PEFT's arithmetic (the low-rank path in
+/// f32) on the same bf16 base, so the rounded base weights, not the bf16
+/// low-rank path, account for the difference.
+#[test]
+fn bf16_base_gradients_track_f32_peft() {
+    let (meta, reference, model, adapter) = reference_model(Kind::BFloat16);
+    let batch1 = reference
+        .tensor_any_shape("batch1", Kind::Int64, Device::Cpu)
+        .unwrap();
     let n = (batch1.size()[0] * (batch1.size()[1] - 1)) as f64;
     let hidden = model.forward_hidden(&batch1, None).unwrap();
     assert_eq!(hidden.kind(), Kind::BFloat16);
@@ -120,11 +127,7 @@ fn bf16_base_gradients_track_f32_peft() {
 }
 
 fn adamw_steps_match_peft(checkpointing: bool) {
-    let dir = root().join("tests/fixtures/lora");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let reference = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
+    let (meta, reference, model, adapter) = reference_model(Kind::Float);
     let get = |name: &str| {
         reference
             .tensor_any_shape(name, Kind::Float, Device::Cpu)
@@ -137,23 +140,6 @@ fn adamw_steps_match_peft(checkpointing: bool) {
     };
     let f = |k: &str| meta[k].as_f64().unwrap();
 
-    let mut model = model::load_dir(&fixture_model(), f32_opts()).unwrap();
-    let targets: Vec<String> = meta["target_modules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
-    let config = LoraConfig {
-        r: meta["r"].as_u64().unwrap() as usize,
-        alpha: f("alpha"),
-        dropout: 0.0,
-        use_rslora: false,
-        use_dora: false,
-        targets,
-    };
-    let adapter = Adapter::attach(&mut model, &config).unwrap();
-    adapter.load_weights(&dir.join("init")).unwrap();
     let params = adapter.params();
     assert_eq!(params.len(), 2 * 7 * 2);
 
