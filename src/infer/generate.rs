@@ -160,9 +160,10 @@ fn check_prompt(model: &CausalLm, prompt: &[u32]) -> Result<(), ModelError> {
 /// (`CausalLm::new_padded_cache`): each step runs every row through the
 /// model together, which on a GPU (and with the multi-row CPU kernels) costs
 /// little more than one row. `stop_after(row, id)` sees each new token of
-/// each row. A finished row rides along until the last one ends (its
-/// outputs are ignored). Each row's `prefill` is the batch's, its `decode`
-/// the time until it finished. The results are in the prompts' order.
+/// each row. A finished row leaves the batch (its rows of the KV cache are
+/// dropped), so the steps after it compute only the rows still going. Each
+/// row's `prefill` is the batch's, its `decode` the time until it finished.
+/// The results are in the prompts' order.
 ///
 /// Rows get the same tokens as alone up to floating-point rounding: the
 /// batch takes other kernels (a padded prompt pass, batched products), so
@@ -232,6 +233,7 @@ pub fn generate_batch_until(
 
     let decode_start = Instant::now();
     let _threads = model.own_cpu_kernels.then(|| TorchThreads::set(1));
+    let mut live: Vec<usize> = (0..rows).collect();
     loop {
         for row in 0..rows {
             if stops[row].is_some() {
@@ -260,14 +262,20 @@ pub fn generate_batch_until(
         if stops.iter().all(Option::is_some) {
             break;
         }
-        let step: Vec<i64> = next.iter().map(|&t| t as i64).collect();
-        let input = Tensor::from_slice(&step).view([rows as i64, 1]);
+        // The cache's rows are the prompts in `live`; drop the finished ones.
+        let keep: Vec<usize> = (0..live.len())
+            .filter(|&i| stops[live[i]].is_none())
+            .collect();
+        if keep.len() < live.len() {
+            cache.retain_rows(&keep)?;
+            live = keep.iter().map(|&i| live[i]).collect();
+        }
+        let step: Vec<i64> = live.iter().map(|&row| next[row] as i64).collect();
+        let input = Tensor::from_slice(&step).view([live.len() as i64, 1]);
         let logits = model.forward_last(&input, Some(&mut cache))?;
-        for row in 0..rows {
-            if stops[row].is_none() {
-                decode_steps[row] += 1;
-                next[row] = samplers[row].sample(&logits.get(row as i64));
-            }
+        for (i, &row) in live.iter().enumerate() {
+            decode_steps[row] += 1;
+            next[row] = samplers[row].sample(&logits.get(i as i64));
         }
     }
     Ok(tokens

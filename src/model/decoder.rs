@@ -433,6 +433,34 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+    /// Keeps only the batch rows `rows` (indices into the current batch, in
+    /// the order given), e.g. to stop computing sequences that have finished.
+    /// When no kept row is padded the cache becomes unpadded, so that the
+    /// one-row fast paths apply again.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<(), ModelError> {
+        let Some((k0, _)) = self.layers.first() else {
+            return Ok(());
+        };
+        let batch = k0.size()[0] as usize;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(ModelError::Torch(tch::TchError::Torch(format!(
+                "row {bad} of a cache of {batch} rows"
+            ))));
+        }
+        let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let index = Tensor::from_slice(&index).to_device(k0.device());
+        for (k, v) in &mut self.layers {
+            *k = k.f_index_select(0, &index)?;
+            *v = v.f_index_select(0, &index)?;
+        }
+        if !self.pads.is_empty() {
+            self.pads = rows.iter().map(|&r| self.pads[r]).collect();
+            if self.pads.iter().all(|&p| p == 0) {
+                self.pads.clear();
+            }
+        }
+        Ok(())
+    }
 
     /// Writes `k`, `v` (batch, n_kv, seq, head_dim) at the current end and
     /// returns views of everything cached so far, including them.
