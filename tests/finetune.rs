@@ -415,7 +415,13 @@ fn adapter_matches_peft(dora: bool) {
 
 #[test]
 fn resumed_run_repeats_the_uninterrupted_one() {
-    resume_repeats_the_uninterrupted_run("max_steps = 7");
+    resume_repeats_the_uninterrupted_run("max_steps = 7", "dropout = 0.1");
+}
+
+/// DoRA's magnitudes and their AdamW moments are checkpointed too.
+#[test]
+fn dora_run_resumes_exactly() {
+    resume_repeats_the_uninterrupted_run("max_steps = 7", "dropout = 0.1\nuse_dora = true");
 }
 
 /// With gradient checkpointing and LoRA dropout: both forwards of a layer
@@ -423,13 +429,15 @@ fn resumed_run_repeats_the_uninterrupted_one() {
 /// run still repeats the uninterrupted one exactly.
 #[test]
 fn checkpointed_run_with_dropout_resumes_exactly() {
-    resume_repeats_the_uninterrupted_run("max_steps = 7\ngradient_checkpointing = true");
+    resume_repeats_the_uninterrupted_run(
+        "max_steps = 7\ngradient_checkpointing = true",
+        "dropout = 0.1",
+    );
 }
 
-fn resume_repeats_the_uninterrupted_run(extra_train: &str) {
+fn resume_repeats_the_uninterrupted_run(extra_train: &str, extra_lora: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path());
-    let extra_lora = "dropout = 0.1";
     let checkpoints = "\n[checkpoint]\nevery = 2\nkeep_last = 2\n";
     for out in ["full", "split"] {
         // Repository-level samples on, so they are exercised end to end.
