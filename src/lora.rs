@@ -139,7 +139,7 @@ impl LoraLinear {
             .dense_weight()
             .expect("DoRA layers have a dense base (checked when attached)")
             .to_kind(Kind::Float);
-        let norm = tch::no_grad(|| row_norms(&w, &self.b.matmul(&self.a), self.scaling));
+        let norm = tch::no_grad(|| row_norms(&(&w + self.b.matmul(&self.a) * self.scaling)));
         let scale = magnitude / norm;
         let h = h.to_kind(Kind::Float);
         let lora = h
@@ -158,11 +158,11 @@ impl LoraLinear {
     }
 }
 
-/// `‖W + s·ΔW‖` of every row (PEFT's `get_weight_norm`, norm over the input
-/// dimension), in f32.
-fn row_norms(w: &Tensor, lora_weight: &Tensor, scaling: f64) -> Tensor {
-    let full = w.to_kind(Kind::Float) + lora_weight * scaling;
-    full.square()
+/// The L2 norm of every row of `w` (out, in) over the input dimension, in
+/// f32: DoRA's `‖W + s·BA‖` (PEFT's `get_weight_norm`).
+fn row_norms(w: &Tensor) -> Tensor {
+    w.to_kind(Kind::Float)
+        .square()
         .sum_dim_intlist(&[1i64][..], false, Kind::Float)
         .sqrt()
 }
@@ -275,11 +275,7 @@ impl Adapter {
                 let w = slot
                     .dense_weight()
                     .ok_or_else(|| LoraError::DoraNeedsDense { name: name.clone() })?;
-                let norms = tch::no_grad(|| {
-                    row_norms(w, &Tensor::zeros_like(&w.to_kind(Kind::Float)), 0.0)
-                        .to_kind(w.kind())
-                        .to_kind(Kind::Float)
-                });
+                let norms = tch::no_grad(|| row_norms(w).to_kind(w.kind()).to_kind(Kind::Float));
                 Some(norms.set_requires_grad(true))
             } else {
                 None
@@ -511,10 +507,7 @@ impl Update {
     pub fn apply(&self, w: &Tensor) -> Tensor {
         let full = w.to_kind(Kind::Float) + &self.delta;
         match &self.magnitude {
-            Some(m) => {
-                let norms = row_norms(&full, &Tensor::zeros_like(&full), 0.0);
-                (m / norms).unsqueeze(1) * full
-            }
+            Some(m) => (m / row_norms(&full)).unsqueeze(1) * full,
             None => full,
         }
     }
@@ -652,9 +645,10 @@ pub struct MergeSummary {
 }
 
 /// Writes `base` with `adapter` folded into its weights (`W + scaling · B A`,
-/// DoRA's rescaled rows when the adapter has them; computed in f32 and stored in each weight's own dtype) as a model
-/// directory in `out` (which must exist), with the base's config, tokenizer
-/// and generation files copied.
+/// rows rescaled by DoRA's magnitudes when the adapter has them; computed in
+/// f32 and stored in each weight's own dtype) as a model directory in `out`
+/// (which must exist), with the base's config, tokenizer and generation
+/// files copied.
 pub fn merge(
     base: &Path,
     adapter: &Path,
