@@ -120,6 +120,38 @@ impl Team {
         }
     }
 
+    /// Threads in the team, the caller included.
+    pub fn threads(&self) -> usize {
+        self.helpers + 1
+    }
+
+    /// `f(start, part)` for every part `data[bounds[i]..bounds[i + 1]]`,
+    /// spread over the team as [`Team::run_chunks_mut`] spreads its chunks
+    /// (`start` is the part's offset in `data`). `bounds` rises from 0 to
+    /// `data.len()`.
+    pub fn run_parts_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        bounds: &[usize],
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(
+            bounds.first() == Some(&0)
+                && bounds.last() == Some(&data.len())
+                && bounds.windows(2).all(|w| w[0] <= w[1]),
+            "parts that do not cover the data in order"
+        );
+        let base = SharedMut(data.as_mut_ptr());
+        self.run(bounds.len() - 1, &|i| {
+            let (start, end) = (bounds[i], bounds[i + 1]);
+            // SAFETY: `run` calls this closure once per `i`, the parts are
+            // disjoint and in bounds (checked above), and `data` stays
+            // mutably borrowed until `run` returns, after every call.
+            let part = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+            f(start, part)
+        });
+    }
+
     /// `f(i, chunk)` for every `chunk_len`-element chunk `i` of `data` (the
     /// last may be shorter), spread over the team as [`Team::run`] spreads
     /// its chunks: each chunk goes to exactly one call, so the calls may
@@ -223,6 +255,21 @@ mod tests {
             total.fetch_add(c, SeqCst);
         });
         assert_eq!(total.load(SeqCst), 63 * 64 / 2);
+    }
+
+    #[test]
+    fn parts_of_a_slice_each_go_to_one_call() {
+        let team = Team::new(3);
+        for bounds in [vec![0, 3, 3, 10, 11], vec![0, 11], vec![0; 1]] {
+            let len = *bounds.last().unwrap();
+            let mut data = vec![usize::MAX; len];
+            team.run_parts_mut(&mut data, &bounds, &|start, part| {
+                for (k, v) in part.iter_mut().enumerate() {
+                    *v = start + k;
+                }
+            });
+            assert_eq!(data, (0..len).collect::<Vec<_>>(), "{bounds:?}");
+        }
     }
 
     #[test]
