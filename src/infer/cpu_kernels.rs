@@ -11,7 +11,9 @@
 //! `maddubs`/`madd` (AVX2+FMA where the CPU has them, detected at run time;
 //! portable code with the same arithmetic otherwise), one f32 scale per block,
 //! rows split across a team of threads that stays awake between products
-//! (`team`).
+//! (`team`), in long runs of consecutive rows first and shorter ones at the
+//! end (`guided_parts`). Layers that share an input (q/k/v, gate/up) can run
+//! as one stacked product (`int4_gemv_stacked`).
 //!
 //! Accuracy: the only error beyond f32 rounding is the activations'
 //! rounding, at most half a step `d_b = max|x_b|/127` per element, so
@@ -33,7 +35,9 @@
 //! activations and the team (0.63× llama.cpp Q4_0); on an AVX-512 machine
 //! 0.50× llama.cpp before a VNNI row kernel and the raw-slice decode step,
 //! 0.77× after; on the AVX2 machine again with the tiles (which replaced
-//! the VNNI row kernel), 1.00–1.08× in three runs (BENCHMARKS.md).
+//! the VNNI row kernel), 1.00–1.08× in three runs; on the AVX-512 machine
+//! again, 0.86–0.91× with the AVX2 tiles in parts of four tiles, more with
+//! guided parts and stacked products (BENCHMARKS.md).
 
 use crate::team::Team;
 use half::f16;
@@ -221,18 +225,22 @@ impl Int4Matrix {
     /// (`n × rows`): each tile is read once for all of them.
     fn product_int4(&self, x: &[f32], y: &mut [f32]) {
         let n = rows_of(x, y, self.rows, self.cols);
+        if n == 1 {
+            // Decode at batch 1.
+            return int4_gemv_stacked(&[self], x, y);
+        }
         let xq: Vec<QuantizedX> = x.chunks_exact(self.cols).map(QuantizedX::new).collect();
         let sums: Vec<Vec<f32>> = xq.iter().map(|q| q.group_sums(self.group)).collect();
         let kernel = Int4Kernel::best();
         by_blocks(y, n, TILE, 1, &|t, out| {
-            if let ([x], [sums]) = (&xq[..], &sums[..]) {
-                // One vector (decode at batch 1): straight to the kernel.
-                let v = self.tile(t).product(kernel, [x], [sums.as_slice()]);
-                out.copy_from_slice(&v[0][..out.len()]);
-            } else {
-                self.tile(t).products(kernel, &xq, &sums, out)
-            }
+            self.tile(t).products(kernel, &xq, &sums, out)
         });
+    }
+
+    /// Whether [`int4_gemv_stacked`] takes the two together (same input
+    /// size and group).
+    pub fn stacks_with(&self, other: &Int4Matrix) -> bool {
+        (self.cols, self.group) == (other.cols, other.group)
     }
 
     fn dequantize_int4(&self) -> Vec<f32> {
@@ -258,6 +266,60 @@ impl Int4Matrix {
             });
         out
     }
+}
+
+/// `y = [W₁; W₂; …]·x` for one vector `x`: the products of several int4
+/// matrices with the same input (equal `cols` and group, see
+/// [`Int4Matrix::stacks_with`]), their outputs one after another in `y`,
+/// with one activation quantization and one pass of the team over all
+/// their tiles. Decode's q/k/v and gate/up each share an input: three and
+/// two hand-offs to the team become one.
+pub fn int4_gemv_stacked(mats: &[&Int4Matrix], x: &[f32], y: &mut [f32]) {
+    assert_eq!(
+        y.len(),
+        mats.iter().map(|m| m.rows).sum::<usize>(),
+        "y does not hold the stacked rows"
+    );
+    let Some(first) = mats.first() else {
+        return;
+    };
+    assert!(
+        mats.iter().all(|m| m.stacks_with(first)),
+        "stacked matrices of different input sizes or groups"
+    );
+    assert_eq!(
+        x.len(),
+        first.cols,
+        "x is not one row of the matrices' width"
+    );
+    let xq = QuantizedX::new(x);
+    let sums = xq.group_sums(first.group);
+    let kernel = Int4Kernel::best();
+    // Every tile as (matrix, tile, its first row in `y`), in `y`'s order.
+    let mut tiles = Vec::new();
+    let mut at = 0;
+    for (i, m) in mats.iter().enumerate() {
+        tiles.extend((0..m.rows.div_ceil(TILE)).map(|t| (i, t, at + t * TILE)));
+        at += m.rows;
+    }
+    let team = Team::global();
+    let bounds: Vec<usize> = guided_parts(tiles.len(), team.threads(), 1)
+        .into_iter()
+        .map(|p| tiles.get(p).map_or(y.len(), |t| t.2))
+        .collect();
+    team.run_parts_mut(y, &bounds, &|start, out| {
+        let mut done = 0;
+        for &(i, t, _) in &tiles[tiles.partition_point(|t| t.2 < start)..] {
+            if done == out.len() {
+                break;
+            }
+            let m = mats[i];
+            let len = TILE.min(m.rows - t * TILE);
+            let v = m.tile(t).product(kernel, [&xq], [sums.as_slice()]);
+            out[done..done + len].copy_from_slice(&v[0][..len]);
+            done += len;
+        }
+    });
 }
 
 /// Row `r`, column `c` of a tile's block.
@@ -1085,6 +1147,43 @@ mod tests {
                 assert_eq!(got, &one[0][..], "portable, {n} vectors, vector {j}");
             }
         }
+    }
+
+    #[test]
+    fn stacked_products_equal_one_matrix_at_a_time() {
+        let (cols, group) = (256, 64);
+        let mut next = stream(5);
+        // Row counts that are and are not whole tiles (the last tile of a
+        // matrix padded in the middle of the stack).
+        let mats: Vec<Int4Matrix> = [40, 13, 8, 1, 77]
+            .iter()
+            .map(|&rows| {
+                let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+                let g = rows * cols / group;
+                let scales: Vec<f32> = (0..g)
+                    .map(|_| (next() % 1000) as f32 / 9000.0 + 0.01)
+                    .collect();
+                let zeros: Vec<f32> = (0..g).map(|_| (next() % 16) as f32).collect();
+                Int4Matrix::new(&q, &scales, &zeros, rows, cols, group)
+            })
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        for take in [1, 2, 5] {
+            let stack: Vec<&Int4Matrix> = mats.iter().take(take).collect();
+            let mut y = vec![f32::NAN; stack.iter().map(|m| m.rows).sum()];
+            int4_gemv_stacked(&stack, &x, &mut y);
+            let mut want = Vec::new();
+            for m in &stack {
+                let mut one = vec![0f32; m.rows];
+                m.gemv(&x, &mut one);
+                want.extend(one);
+            }
+            assert_eq!(y, want, "{take} matrices");
+        }
+        let other = Int4Matrix::new(&[0; 32 * 128], &[1.0; 32], &[8.0; 32], 32, 128, 128);
+        assert!(!mats[0].stacks_with(&other) && mats[0].stacks_with(&mats[1]));
     }
 
     #[test]

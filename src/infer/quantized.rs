@@ -296,6 +296,14 @@ impl Linear for Int4Linear {
             }
         }
     }
+    fn int4_cpu(&self) -> Option<(&Int4Matrix, Option<&[f32]>)> {
+        match &self.kernel {
+            Int4Kernel::Cpu(m) if self.has_matvec() && self.perm_cpu.is_none() => {
+                Some((m, self.bias_cpu.as_deref()))
+            }
+            _ => None,
+        }
+    }
     fn dense_weight(&self) -> Option<&Tensor> {
         None
     }

@@ -8,7 +8,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Architecture, ModelConfig, Rope, RopeScaling};
-use super::linear::{DenseLinear, Linear};
+use super::linear::{matvec_stacked, DenseLinear, Linear};
 use super::weights::Checkpoint;
 use super::ModelError;
 use crate::quant::checkpoint::{read_linear, QuantFormat};
@@ -209,6 +209,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// The working vectors of a batch-1 decode step (`decode_one`), made once
+/// per step and reused by every layer.
+#[derive(Default)]
+struct StepBuffers {
+    /// The normed residual stream, input of q/k/v and of gate/up.
+    h: Vec<f32>,
+    /// q, k and v one after another.
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    /// o_proj's and down_proj's outputs.
+    o: Vec<f32>,
+    /// gate then up.
+    gate_up: Vec<f32>,
 }
 
 /// One query head's attention over its cached keys and values (rows of
@@ -849,6 +864,7 @@ impl DecoderLayer {
         sin: &[f32],
         cache: &mut KvCache,
         layer: usize,
+        buffers: &mut StepBuffers,
     ) {
         let a = &self.self_attn;
         let (n_heads, n_kv, head_dim) = (
@@ -857,15 +873,21 @@ impl DecoderLayer {
             a.head_dim as usize,
         );
         let pos = cache.len;
-        let mut h = vec![0f32; x.len()];
-        rms_norm_into(x, &self.input_layernorm, &mut h);
-        let mut q = vec![0f32; n_heads * head_dim];
-        let mut k = vec![0f32; n_kv * head_dim];
-        let mut v = vec![0f32; n_kv * head_dim];
-        a.q_proj.matvec(&h, &mut q);
-        a.k_proj.matvec(&h, &mut k);
-        a.v_proj.matvec(&h, &mut v);
-        for (heads, norm) in [(&mut q, &a.q_norm), (&mut k, &a.k_norm)] {
+        let (nq, nkv) = (n_heads * head_dim, n_kv * head_dim);
+        let StepBuffers {
+            h,
+            qkv,
+            attn,
+            o,
+            gate_up,
+        } = buffers;
+        h.resize(x.len(), 0.0);
+        rms_norm_into(x, &self.input_layernorm, h);
+        qkv.resize(nq + 2 * nkv, 0.0);
+        matvec_stacked(&[&*a.q_proj, &*a.k_proj, &*a.v_proj], h, qkv);
+        let (q, kv) = qkv.split_at_mut(nq);
+        let (k, v) = kv.split_at_mut(nkv);
+        for (heads, norm) in [(&mut *q, &a.q_norm), (&mut *k, &a.k_norm)] {
             for head in heads.chunks_exact_mut(head_dim) {
                 if let Some(norm) = norm {
                     rms_norm_in_place(head, norm);
@@ -888,36 +910,35 @@ impl DecoderLayer {
         let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let scale = (head_dim as f32).powf(-0.5);
         let n_rep = n_heads / n_kv;
-        let (kc, vc) = (&*kc, &*vc);
-        let mut attn = vec![0f32; n_heads * head_dim];
+        let (kc, vc, q) = (&*kc, &*vc, &*q);
+        attn.resize(nq, 0.0);
         // The heads spread over the decode team: attention is the one part
         // of a step besides the products that grows with the context, and
         // the team's other threads would otherwise wait through it.
-        Team::global().run_chunks_mut(&mut attn, head_dim, &|hq, out| {
+        Team::global().run_chunks_mut(attn, head_dim, &|hq, out| {
             let g = hq / n_rep;
             let span = (g * capacity + first) * head_dim..(g * capacity + pos + 1) * head_dim;
             let qh = &q[hq * head_dim..(hq + 1) * head_dim];
             let mut scores = vec![0f32; pos + 1 - first];
             attend_one(qh, &kc[span.clone()], &vc[span], scale, &mut scores, out);
         });
-        let mut o = vec![0f32; x.len()];
-        a.o_proj.matvec(&attn, &mut o);
-        for (x, o) in x.iter_mut().zip(&o) {
+        o.resize(x.len(), 0.0);
+        a.o_proj.matvec(attn, o);
+        for (x, o) in x.iter_mut().zip(o.iter()) {
             *x += o;
         }
-        rms_norm_into(x, &self.post_attention_layernorm, &mut h);
+        rms_norm_into(x, &self.post_attention_layernorm, h);
         let m = &self.mlp;
         let ffn = m.gate_proj.out_features() as usize;
-        let mut gate = vec![0f32; ffn];
-        let mut up = vec![0f32; ffn];
-        m.gate_proj.matvec(&h, &mut gate);
-        m.up_proj.matvec(&h, &mut up);
-        for (g, u) in gate.iter_mut().zip(&up) {
+        gate_up.resize(2 * ffn, 0.0);
+        matvec_stacked(&[&*m.gate_proj, &*m.up_proj], h, gate_up);
+        let (gate, up) = gate_up.split_at_mut(ffn);
+        for (g, u) in gate.iter_mut().zip(up.iter()) {
             // silu(g)·u
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
-        m.down_proj.matvec(&gate, &mut o);
-        for (x, o) in x.iter_mut().zip(&o) {
+        m.down_proj.matvec(gate, o);
+        for (x, o) in x.iter_mut().zip(o.iter()) {
             *x += o;
         }
     }
@@ -1367,8 +1388,9 @@ impl CausalLm {
             cpu_f32(&cos).expect("a CPU f32 table"),
             cpu_f32(&sin).expect("a CPU f32 table"),
         );
+        let mut buffers = StepBuffers::default();
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.decode_one(&mut x, cos, sin, cache, i);
+            layer.decode_one(&mut x, cos, sin, cache, i, &mut buffers);
         }
         Ok(Some(Tensor::from_slice(&x).view([1, 1, hidden as i64])))
     }

@@ -4,6 +4,8 @@
 
 use tch::Tensor;
 
+use crate::infer::cpu_kernels::{int4_gemv_stacked, Int4Matrix, MatVec};
+
 pub trait Linear: std::fmt::Debug + Send {
     /// `x`: (..., in_features) -> (..., out_features).
     fn forward(&self, x: &Tensor) -> Tensor;
@@ -22,6 +24,42 @@ pub trait Linear: std::fmt::Debug + Send {
     /// (out_features), when `has_matvec`.
     fn matvec(&self, _x: &[f32], _y: &mut [f32]) {
         unreachable!("matvec called on a layer without one (check has_matvec)")
+    }
+    /// The CPU int4 matrix and the bias when [`Linear::matvec`] is exactly
+    /// that product plus the bias (no reordering of the input), so that
+    /// [`matvec_stacked`] can run layers sharing an input as one product.
+    fn int4_cpu(&self) -> Option<(&Int4Matrix, Option<&[f32]>)> {
+        None
+    }
+}
+
+/// `y = [L₁(x); L₂(x); …]` for layers with [`Linear::has_matvec`] that
+/// share the input `x` (q/k/v, gate/up), their outputs one after another
+/// in `y`: one stacked int4 product (one activation quantization, one
+/// hand-off to the thread team) when every layer is an int4 CPU product of
+/// the same input size and group, else one `matvec` per layer.
+pub fn matvec_stacked(layers: &[&dyn Linear], x: &[f32], y: &mut [f32]) {
+    let stacked: Option<Vec<_>> = layers.iter().map(|l| l.int4_cpu()).collect();
+    if let Some(stacked) = stacked.filter(|s| s.iter().all(|(m, _)| m.stacks_with(s[0].0))) {
+        let mats: Vec<&Int4Matrix> = stacked.iter().map(|&(m, _)| m).collect();
+        int4_gemv_stacked(&mats, x, y);
+        let mut rest = y;
+        for (m, bias) in stacked {
+            let (out, tail) = rest.split_at_mut(m.rows());
+            if let Some(bias) = bias {
+                for (y, b) in out.iter_mut().zip(bias) {
+                    *y += b;
+                }
+            }
+            rest = tail;
+        }
+        return;
+    }
+    let mut rest = y;
+    for layer in layers {
+        let (out, tail) = rest.split_at_mut(layer.out_features() as usize);
+        layer.matvec(x, out);
+        rest = tail;
     }
 }
 
