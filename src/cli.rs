@@ -220,9 +220,15 @@ pub struct QuantizeArgs {
 
     /// GPTQ and RTN: fit each group's range by least squared rounding error
     /// over 80 shrunk ranges instead of min/max (clips outliers; GPTQ's and
-    /// GPTQModel's `mse` option).
-    #[arg(long)]
+    /// GPTQModel's `mse` option). Default: on for GPTQ at 2 and 3 bits,
+    /// where it lowered 3-bit GPTQ perplexity in every seed measured
+    /// (BENCHMARKS.md); off at 4 and 8 bits and for RTN.
+    #[arg(long, conflicts_with = "no_mse")]
     pub mse: bool,
+
+    /// GPTQ: min/max ranges at 2 and 3 bits too (see --mse).
+    #[arg(long)]
+    pub no_mse: bool,
 
     /// GPTQ: Hessian dampening, as a fraction of its mean diagonal.
     #[arg(long, default_value_t = 0.01)]

@@ -44,6 +44,9 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
     if args.mse && method == MethodKind::Awq {
         bail!("--mse applies to GPTQ and RTN (AWQ runs its own clipping search)");
     }
+    // GPTQ at 2 and 3 bits fits ranges by default; RTN stays the plain
+    // min/max baseline unless asked.
+    let mse = args.mse || (method == MethodKind::Gptq && !args.no_mse && args.bits <= 3);
     if !(0.0..1.0).contains(&args.damp) {
         bail!("--damp must be in [0, 1)");
     }
@@ -62,7 +65,7 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
         sym,
         order,
         damp: args.damp,
-        mse: args.mse,
+        mse,
     };
     let max_shard_bytes = crate::data::parse_size(&args.max_shard_size)
         .map_err(|e| anyhow::anyhow!("--max-shard-size {}: {e}", args.max_shard_size))?;
@@ -191,7 +194,7 @@ pub fn run(args: QuantizeArgs) -> Result<Outcome> {
         match order {
             ColumnOrder::Natural => String::new(),
             o => format!(" {}", o.name()),
-        } + if args.mse { " mse" } else { "" },
+        } + if mse { " mse" } else { "" },
         report.seconds,
         report.peak_rss_bytes.map_or("unknown".into(), human_bytes),
     );

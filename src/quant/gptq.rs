@@ -28,8 +28,8 @@ pub const SEQUENTIAL_GROUPS: &[&[&str]] = &[
 ];
 
 const BLOCK: i64 = 128;
-/// Rows per rayon task in the column loop.
-const CHUNK: usize = 1024;
+/// Rows per rayon task in a block's column loop.
+const ROWS_PER_TASK: usize = 64;
 /// Extra dampening tried, in fractions of the mean diagonal, when Cholesky fails.
 const DAMP_STEP: f64 = 0.01;
 const DAMP_RETRIES: usize = 20;
@@ -182,54 +182,59 @@ pub fn quantize_matrix(
                 col += group;
             }
         }
-        // The block transposed, so each column is a contiguous row: (count, rows).
-        let mut block = to_vec(&w.narrow(1, i1, count).transpose(0, 1));
+        // The block's grids from its first column on: the one in force
+        // when it starts, then each group that starts inside it.
+        let mut segments: Vec<(usize, Vec<f32>, Vec<f32>)> = Vec::new();
+        if starts.first().is_none_or(|(at, _, _)| *at > 0) {
+            segments.push((0, current.0.clone(), current.1.clone()));
+        }
+        segments.extend(starts);
+        if let Some((_, s, z)) = segments.last() {
+            current = (s.clone(), z.clone());
+        }
+        // Row-major (rows, count): rows are independent in GPTQ (each row's
+        // error moves only along that row), so each thread runs whole rows
+        // through the block's columns, one hand-off per block instead of
+        // two per column. Per element the same operations in the same order
+        // as column by column, so the result is the same to the bit.
+        let (n, r) = (count as usize, rows as usize);
+        let mut block = to_vec(&w.narrow(1, i1, count));
         let hinv1 = to_vec(&hinv.narrow(0, i1, count).narrow(1, i1, count));
         let mut ints = vec![0f32; block.len()];
         let mut errs = vec![0f32; block.len()];
-        let (n, r) = (count as usize, rows as usize);
-        for i in 0..n {
-            if let Some((_, s, z)) = starts.iter().find(|(at, _, _)| *at == i) {
-                current = (s.clone(), z.clone());
-            }
-            let (scale, zero) = (&current.0, &current.1);
-            let d = hinv1[i * n + i];
-            let (done, rest) = block.split_at_mut((i + 1) * r);
-            let column = &done[i * r..];
-            let q_row = &mut ints[i * r..(i + 1) * r];
-            let err = &mut errs[i * r..(i + 1) * r];
-            q_row
-                .par_chunks_mut(CHUNK)
-                .zip(err.par_chunks_mut(CHUNK))
-                .enumerate()
-                .for_each(|(c, (q_chunk, e_chunk))| {
-                    let base = c * CHUNK;
-                    for k in 0..q_chunk.len() {
-                        let x = column[base + k];
-                        let (sc, zp) = (scale[base + k], zero[base + k]);
-                        // clamp(round(w / s) + z, 0, maxq), ties to even as torch.round
-                        let q = ((x / sc).round_ties_even() + zp).clamp(0.0, maxq);
-                        q_chunk[k] = q;
-                        e_chunk[k] = (x - sc * (q - zp)) / d;
+        block
+            .par_chunks_mut(n)
+            .zip(ints.par_chunks_mut(n))
+            .zip(errs.par_chunks_mut(n))
+            .enumerate()
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(row, ((x, q_out), e_out))| {
+                let mut seg = 0;
+                for i in 0..n {
+                    if segments.get(seg + 1).is_some_and(|(at, _, _)| *at == i) {
+                        seg += 1;
                     }
-                });
-            // Later columns of the block absorb this column's error.
-            let err: &[f32] = err;
-            rest.par_chunks_mut(r).enumerate().for_each(|(k, later)| {
-                let h = hinv1[i * n + i + 1 + k];
-                if h != 0.0 {
-                    for (x, e) in later.iter_mut().zip(err) {
-                        *x -= e * h;
+                    let (sc, zp) = (segments[seg].1[row], segments[seg].2[row]);
+                    let d = hinv1[i * n + i];
+                    let v = x[i];
+                    // clamp(round(w / s) + z, 0, maxq), ties to even as torch.round
+                    let q = ((v / sc).round_ties_even() + zp).clamp(0.0, maxq);
+                    q_out[i] = q;
+                    let e = (v - sc * (q - zp)) / d;
+                    e_out[i] = e;
+                    // Later columns of the block absorb this column's error.
+                    for (x, h) in x[i + 1..]
+                        .iter_mut()
+                        .zip(&hinv1[i * n + i + 1..(i + 1) * n])
+                    {
+                        if *h != 0.0 {
+                            *x -= e * h;
+                        }
                     }
                 }
             });
-        }
-        let from = |v: Vec<f32>| {
-            Tensor::from_slice(&v)
-                .view([count, rows])
-                .transpose(0, 1)
-                .to_device(device)
-        };
+        debug_assert_eq!(r * n, block.len());
+        let from = |v: Vec<f32>| Tensor::from_slice(&v).view([rows, count]).to_device(device);
         q_ints.narrow(1, i1, count).copy_(&from(ints));
         if i2 < cols {
             let err1 = from(errs);

@@ -128,36 +128,60 @@ impl Grid {
             .contiguous()
             .view(-1);
         let values = Vec::<f32>::try_from(&flat).expect("an f32 CPU tensor converts");
-        let maxq = self.maxq() as f32;
         let fitted: Vec<(f32, f32)> = values
             .par_chunks(cols.max(1))
-            .map(|row| {
-                let lo = row.iter().fold(0f32, |a, &x| a.min(x));
-                let hi = row.iter().fold(0f32, |a, &x| a.max(x));
-                let mut best = (f32::INFINITY, self.fit(lo, hi));
-                for i in 0..SEARCH_STEPS {
-                    let p = 1.0 - i as f32 / 100.0;
-                    let (scale, zero) = self.fit(p * lo, p * hi);
-                    let err: f32 = row
-                        .iter()
-                        .map(|&x| {
-                            let q = ((x / scale).round_ties_even() + zero).clamp(0.0, maxq);
-                            let d = scale * (q - zero) - x;
-                            d * d
-                        })
-                        .sum();
-                    if err < best.0 {
-                        best = (err, (scale, zero));
-                    }
-                }
-                best.1
-            })
+            .map(|row| self.search_row(row))
             .collect();
         let column = |f: fn(&(f32, f32)) -> f32| {
             let v: Vec<f32> = fitted.iter().map(f).collect();
             Tensor::from_slice(&v).view([rows, 1]).to_device(device)
         };
         (column(|p| p.0), column(|p| p.1))
+    }
+}
+
+impl Grid {
+    /// One row's searched scale and zero point (see [`Grid::params`]).
+    /// Compiled twice, like the decode attention: for AVX2 where the CPU
+    /// has it and as is; on baseline x86-64 `round_ties_even` is a libm call
+    /// per element, which made the search (80 ranges × every weight) take
+    /// longer than the rest of GPTQ. The same arithmetic either way.
+    fn search_row(&self, row: &[f32]) -> (f32, f32) {
+        #[inline(always)]
+        fn body(grid: &Grid, row: &[f32]) -> (f32, f32) {
+            let maxq = grid.maxq() as f32;
+            let lo = row.iter().fold(0f32, |a, &x| a.min(x));
+            let hi = row.iter().fold(0f32, |a, &x| a.max(x));
+            let mut best = (f32::INFINITY, grid.fit(lo, hi));
+            for i in 0..SEARCH_STEPS {
+                let p = 1.0 - i as f32 / 100.0;
+                let (scale, zero) = grid.fit(p * lo, p * hi);
+                let err: f32 = row
+                    .iter()
+                    .map(|&x| {
+                        let q = ((x / scale).round_ties_even() + zero).clamp(0.0, maxq);
+                        let d = scale * (q - zero) - x;
+                        d * d
+                    })
+                    .sum();
+                if err < best.0 {
+                    best = (err, (scale, zero));
+                }
+            }
+            best.1
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn wide(grid: &Grid, row: &[f32]) -> (f32, f32) {
+                body(grid, row)
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was just detected.
+                return unsafe { wide(self, row) };
+            }
+        }
+        body(self, row)
     }
 }
 
