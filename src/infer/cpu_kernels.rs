@@ -36,8 +36,9 @@
 //! 0.50× llama.cpp before a VNNI row kernel and the raw-slice decode step,
 //! 0.77× after; on the AVX2 machine again with the tiles (which replaced
 //! the VNNI row kernel), 1.00–1.08× in three runs; on the AVX-512 machine
-//! again, 0.86–0.91× with the AVX2 tiles in parts of four tiles, more with
-//! guided parts and stacked products (BENCHMARKS.md).
+//! again, 0.86–0.91× with the AVX2 tiles in parts of four tiles, 1.04× and
+//! 1.19× with guided parts; with stacked products too, 1.10–1.19× in three
+//! runs on an Intel AVX-512 machine (BENCHMARKS.md).
 
 use crate::team::Team;
 use half::f16;
