@@ -214,6 +214,39 @@ fn calibrated_gptq_beats_rtn_at_three_bits() {
     assert!(gptq < rtn, "gptq {gptq} not below rtn {rtn}");
 }
 
+/// The range search is on by default for GPTQ at 2 and 3 bits only; the
+/// summary line names it when it ran.
+#[test]
+fn range_search_is_the_default_for_low_bit_gptq_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("qwen2");
+    let cases: &[(&[&str], bool)] = &[
+        (&["--method", "gptq", "--bits", "3"], true),
+        (&["--method", "gptq", "--bits", "2"], true),
+        (&["--method", "gptq", "--bits", "3", "--no-mse"], false),
+        (&["--method", "gptq", "--bits", "4"], false),
+        (&["--method", "gptq", "--bits", "4", "--mse"], true),
+        (&["--method", "rtn", "--bits", "3"], false),
+        (&["--method", "rtn", "--bits", "3", "--mse"], true),
+    ];
+    for (i, (args, searched)) in cases.iter().enumerate() {
+        let mut args = args.to_vec();
+        args.extend(["--group-size", "32"]);
+        let out = quantize(
+            model.to_str().unwrap(),
+            &tmp.path().join(format!("q{i}")),
+            &args,
+        );
+        assert!(out.status.success(), "{args:?}: {}", show(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("mean rel. error"))
+            .expect("summary line");
+        assert_eq!(line.contains(" mse:"), *searched, "{args:?}: {line}");
+    }
+}
+
 fn assert_error(out: &Output, needles: &[&str]) {
     let text = show(out);
     assert_eq!(out.status.code(), Some(2), "{text}");
@@ -262,6 +295,10 @@ fn bad_quantize_input_is_refused_before_work() {
         (
             &["--method", "awq", "--mse", "--group-size", "32"][..],
             "--mse applies to GPTQ and RTN",
+        ),
+        (
+            &["--mse", "--no-mse", "--group-size", "32"][..],
+            "cannot be used with",
         ),
     ] {
         assert_error(&quantize(m, &out, args), &[needle]);
