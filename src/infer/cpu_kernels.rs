@@ -916,6 +916,23 @@ mod tests {
         }
     }
 
+    /// A random int4 matrix (weights 0..15, scales in [0.01, 0.12], zeros
+    /// 0..15) drawn from `next`.
+    fn random_int4(
+        next: &mut impl FnMut() -> u64,
+        rows: usize,
+        cols: usize,
+        group: usize,
+    ) -> Int4Matrix {
+        let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
+        let g = rows * cols / group;
+        let scales: Vec<f32> = (0..g)
+            .map(|_| (next() % 1000) as f32 / 9000.0 + 0.01)
+            .collect();
+        let zeros: Vec<f32> = (0..g).map(|_| (next() % 16) as f32).collect();
+        Int4Matrix::new(&q, &scales, &zeros, rows, cols, group)
+    }
+
     /// The activations as the kernels see them, `x̂ = d·q`, checked against
     /// `x`: within half a step of each block's scale.
     fn dequantized_x(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -1112,13 +1129,7 @@ mod tests {
     fn products_of_many_vectors_equal_one_at_a_time() {
         let (rows, cols, group) = (37, 128, 64);
         let mut next = stream(11);
-        let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
-        let g = rows * cols / group;
-        let scales: Vec<f32> = (0..g)
-            .map(|_| (next() % 1000) as f32 / 9000.0 + 0.01)
-            .collect();
-        let zeros: Vec<f32> = (0..g).map(|_| (next() % 16) as f32).collect();
-        let int4 = Int4Matrix::new(&q, &scales, &zeros, rows, cols, group);
+        let int4 = random_int4(&mut next, rows, cols, group);
         let int8 = Int8Matrix::new(
             (0..rows * cols).map(|_| (next() % 255) as i8).collect(),
             (0..rows).map(|_| (next() % 100) as f32 / 3000.0).collect(),
@@ -1158,15 +1169,7 @@ mod tests {
         // matrix padded in the middle of the stack).
         let mats: Vec<Int4Matrix> = [40, 13, 8, 1, 77]
             .iter()
-            .map(|&rows| {
-                let q: Vec<u8> = (0..rows * cols).map(|_| (next() % 16) as u8).collect();
-                let g = rows * cols / group;
-                let scales: Vec<f32> = (0..g)
-                    .map(|_| (next() % 1000) as f32 / 9000.0 + 0.01)
-                    .collect();
-                let zeros: Vec<f32> = (0..g).map(|_| (next() % 16) as f32).collect();
-                Int4Matrix::new(&q, &scales, &zeros, rows, cols, group)
-            })
+            .map(|&rows| random_int4(&mut next, rows, cols, group))
             .collect();
         let x: Vec<f32> = (0..cols)
             .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
