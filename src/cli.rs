@@ -261,11 +261,12 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub save_calibration: Option<PathBuf>,
 
-    /// AWQ: calibration tokens (evenly spread over the set) whose output
-    /// error the scale search measures; the clipping search takes 512 of
-    /// them. The per-channel activation means use every token. The search
-    /// runs the block it measures 21 times per smoothing group, so its cost
-    /// grows with this number (2048: 8 min for the 0.5B on 2 CPU cores).
+    /// AWQ: calibration tokens (a fixed pseudo-random subset, spread over the
+    /// set and over every position in its windows) whose output error the
+    /// scale search measures; the clipping search takes 512 of them. The
+    /// per-channel activation means use every token. The search runs the
+    /// block it measures 21 times per smoothing group, so its cost grows with
+    /// this number (2048: 8 to 15 min for the 0.5B on 2 CPU cores).
     #[arg(long, default_value_t = 2048)]
     pub awq_tokens: usize,
 

@@ -11,8 +11,9 @@
 //! exponents, so the search never does worse than RTN on the block it
 //! measures (the imported model's weights already sit near a 4-bit grid,
 //! which any rescaling leaves); and the block's error is measured on a
-//! strided subset of the calibration tokens (`--awq-tokens`), while x̄ uses
-//! them all.
+//! subset of the calibration tokens (`--awq-tokens`, spread over every
+//! position of the sequences, see `calib::spread_rows`), while x̄ uses them
+//! all.
 //!
 //! Which op feeds which linears, and where the error is measured, is the
 //! table `SCALE_GROUPS` below; it is the same for Qwen2, Qwen3 and Llama.
