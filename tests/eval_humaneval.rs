@@ -157,6 +157,43 @@ fn hostile_completions_fail_and_the_run_goes_on() {
     assert!(r.passed, "{r:?}");
 }
 
+/// A busy loop stopped by the kernel at its CPU limit (before the wall-clock
+/// timeout) is a timeout too, not a failure by signal.
+#[test]
+fn cpu_limit_counts_as_a_timeout() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let problems = problems();
+    let problem = &problems[0];
+    let sandbox = Sandbox::new(Limits {
+        timeout: Duration::from_secs(20),
+        cpu_seconds: 1,
+        ..Limits::default()
+    })
+    .unwrap();
+    let start = std::time::Instant::now();
+    let r = humaneval::check_completion(&sandbox, problem, "    while True:\n        pass\n", 0)
+        .unwrap();
+    assert!(!r.passed);
+    assert_eq!(r.execution.verdict, Verdict::TimedOut, "{r:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "the CPU limit did not stop it"
+    );
+    // An ordinary failure stays a failure.
+    let r = humaneval::check_completion(&sandbox, problem, "    raise SystemExit(3)\n", 0).unwrap();
+    assert!(
+        matches!(
+            r.execution.verdict,
+            Verdict::Failed {
+                exit_code: Some(3),
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(sandbox_processes().is_empty(), "{:?}", sandbox_processes());
+}
+
 #[test]
 fn reads_plain_and_gzipped_jsonl_and_rejects_bad_files() {
     let tmp = tempfile::tempdir().unwrap();

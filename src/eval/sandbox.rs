@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -220,7 +220,7 @@ impl Sandbox {
             cmd.pre_exec(move || setup.apply());
         }
         let start = Instant::now();
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(io(format!("starting {}", self.isolation.python.display())))?;
         let pid = child.id() as libc::pid_t;
@@ -238,14 +238,20 @@ impl Sandbox {
         // so its pid (the group id) cannot have been reused.
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
-        let status = child.wait().map_err(io("waiting for the program"))?;
+        let (status, cpu) = reap(pid).map_err(io("waiting for the program"))?;
+        // `child` is reaped now; dropping it neither waits nor kills.
+        drop(child);
         let seconds = start.elapsed().as_secs_f64();
-        let verdict = if timed_out {
+        // The kernel kills a program at its CPU limit (SIGKILL at the hard
+        // limit, SIGXCPU at the soft one); for a busy loop that can come a
+        // moment before the wall-clock check, and it is a timeout all the same.
+        let hit_cpu_limit = matches!(status.signal(), Some(libc::SIGKILL | libc::SIGXCPU))
+            && cpu + Duration::from_millis(100) >= Duration::from_secs(self.limits.cpu_seconds);
+        let verdict = if timed_out || hit_cpu_limit {
             Verdict::TimedOut
         } else if status.success() {
             Verdict::Passed
         } else {
-            use std::os::unix::process::ExitStatusExt;
             Verdict::Failed {
                 exit_code: status.code(),
                 signal: status.signal(),
@@ -273,6 +279,29 @@ fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
         ))?;
         Ok(info.si_pid() != 0)
     }
+}
+
+/// Reaps the child: its exit status and the CPU time (user + system) it used.
+fn reap(pid: libc::pid_t) -> std::io::Result<(std::process::ExitStatus, Duration)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: wait4 writes an int and a rusage into valid, zeroed memory.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        loop {
+            if libc::wait4(pid, &mut status, 0, &mut usage) >= 0 {
+                break usage;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+    ))
 }
 
 /// The last `n` bytes of a file, lossily decoded.
