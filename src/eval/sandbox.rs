@@ -101,11 +101,12 @@ pub struct Isolation {
 #[serde(rename_all = "snake_case", tag = "verdict")]
 pub enum Verdict {
     Passed,
-    /// Exited non-zero or was killed by a signal (an rlimit, say).
+    /// Exited non-zero or was killed by a signal (other than at the CPU limit).
     Failed {
         exit_code: Option<i32>,
         signal: Option<i32>,
     },
+    /// Ran past the wall-clock timeout or was killed at its CPU-time limit.
     TimedOut,
 }
 
