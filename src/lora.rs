@@ -178,26 +178,19 @@ impl Linear for LoraLinear {
         if let Some(m) = &self.magnitude {
             return self.dora(&h, y, m, dropped);
         }
-        if x.kind() == self.a.kind() {
-            // f32 base: PEFT's arithmetic exactly (the reference tests).
-            let delta = h
-                .linear::<Tensor>(&self.a, None)
-                .linear::<Tensor>(&self.b, None)
-                * self.scaling;
-            return y + delta;
-        }
-        // bf16/f16 base: the low-rank path runs in the base's dtype from
-        // rounded copies of the f32 weights (mixed precision, as under
-        // `torch.autocast`; the products still accumulate in f32), the
-        // scaling folded into B. PEFT instead converts the activations to
-        // f32 and the sum back: two copies of a (tokens × features) tensor
-        // per layer and per direction, a large share of a CPU step. The
-        // gradients reach the f32 A and B through the casts.
+        // y + s·(x Aᵀ) Bᵀ, with the scaling folded into B and the low-rank
+        // product accumulated into the base output by one `addmm` (no
+        // separate scaling and addition passes over the layer's output).
+        // With a bf16/f16 base the low-rank path runs in the base's dtype
+        // from rounded copies of the f32 weights (mixed precision, as under
+        // `torch.autocast`; the products still accumulate in f32). PEFT
+        // instead converts the activations to f32 and the sum back: two
+        // copies of a (tokens × features) tensor per layer and per
+        // direction, a large share of a CPU step. The gradients reach the
+        // f32 A and B through the casts.
         let kind = x.kind();
         let b = (&self.b * self.scaling).to_kind(kind);
         let xa = h.linear::<Tensor>(&self.a.to_kind(kind), None);
-        // y + xa·Bᵀ as one product that accumulates into y (no separate
-        // elementwise pass over the layer's output).
         let (r, out) = (xa.size()[xa.dim() - 1], y.size()[y.dim() - 1]);
         y.reshape([-1, out])
             .addmm(&xa.reshape([-1, r]), &b.tr())

@@ -68,6 +68,8 @@ dir = "{work / 'out'}"
     (work / "recipe.toml").write_text(recipe)
     run_measured([str(QCODER), "--threads", str(args.threads), "finetune", str(work / "recipe.toml")])
     rows = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        print(f"qcoder step {r['step']}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:])
     return tps, peak_children_mb(), rows[0]["loss"], rows[-1]["loss"]
 
@@ -109,6 +111,7 @@ def peft_worker(args):
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
+        print(f"PEFT step {len(times)}: {args.seq / times[-1]:.1f} tokens/s", file=sys.stderr)
     tps = statistics.median(args.seq / t for t in times[1:])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"tokens_per_s": tps, "peak_mb": peak}))
@@ -130,10 +133,11 @@ def main():
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model (see recipes/demo.toml for the import command)")
     q_tps, q_mb, first, last = qcoder_side(args, args.model)
-    out, _ = run_measured([sys.executable, __file__, "--peft-worker", "--model", args.model, "--steps",
+    out, err = run_measured([sys.executable, __file__, "--peft-worker", "--model", args.model, "--steps",
                            str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype,
                            "--seq", str(args.seq)] + (["--grad-ckpt"] if args.grad_ckpt else []))
     p = json.loads(out.strip().splitlines()[-1])
+    sys.stderr.write("".join(l + "\n" for l in err.splitlines() if l.startswith("PEFT step")))
     ckpt = ", gradient checkpointing" if args.grad_ckpt else ""
     print(f"model {args.model}, {args.dtype}, seq {args.seq}{ckpt}, r 16 all-linear, micro batch 1, "
           f"{args.threads} threads, {args.steps} steps (median of steps 2..)")

@@ -14,6 +14,11 @@ pub trait Linear: std::fmt::Debug + Send {
     /// The dense weight (out_features, in_features), when the layer has one.
     fn dense_weight(&self) -> Option<&Tensor>;
     fn bias(&self) -> Option<&Tensor>;
+    /// Whether `forward` is exactly `x · dense_weightᵀ + bias` (no adapter,
+    /// no quantization), so that a caller may run that product itself.
+    fn is_plain_dense(&self) -> bool {
+        false
+    }
     /// Whether [`Linear::matvec`] runs: layers with a CPU kernel for one
     /// vector (the int4 fast path), which the batch-1 decode step calls
     /// without going through libtorch.
@@ -93,5 +98,8 @@ impl Linear for DenseLinear {
     }
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+    fn is_plain_dense(&self) -> bool {
+        true
     }
 }
