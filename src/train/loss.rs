@@ -19,15 +19,16 @@ use tch::{Kind, Reduction, Tensor};
 
 use crate::model::linear::Linear;
 
-/// Tokens per chunk of logits for a vocabulary of `vocab`: as many as keep
-/// one chunk's f32 logits under 64 MiB, rounded down to a multiple of 16
-/// (96 tokens for Qwen's 152k). Measured on a 2-core AVX-512 CPU in f32
-/// (MKL): the output projection and its input gradient run at 213 GFLOP/s
-/// at 96 rows against 153 at 51 (the earlier 30 MiB chunks) and 222 at 512;
-/// the loss adds a 56 MiB buffer (plus a bf16 copy for a bf16 head) to the
-/// peak.
+/// Most tokens per chunk of logits for a vocabulary of `vocab`: as many as
+/// keep one chunk's f32 logits under 128 MiB, rounded down to a multiple of
+/// 16 (208 tokens for Qwen's 152k; a 511-token block then runs as three
+/// chunks of 171). Measured on a 2-core Intel AVX-512 CPU in f32 (MKL,
+/// `scripts/bench/matmul_shapes.py`): the output projection and its input
+/// gradient run at about 150–160 GFLOP/s at 51 rows (the earlier 30 MiB
+/// chunks), 190 at 96, 210–215 at 128, 220–235 at 256; the loss's buffers add
+/// about 100 MiB (plus a bf16 copy for a bf16 head) to the peak.
 pub fn chunk_tokens(vocab: i64) -> i64 {
-    const BUDGET: i64 = 64 << 20;
+    const BUDGET: i64 = 128 << 20;
     ((BUDGET / (vocab.max(1) * 4)) / 16 * 16).clamp(16, 4096)
 }
 
@@ -110,7 +111,10 @@ fn direct_loss(
     let x = inputs.detach();
     let kind = x.kind();
     let device = x.device();
-    let rows = chunk.min(n).max(1);
+    // Chunks of equal height (171, 171, 169 rather than 208, 208, 95): the
+    // products run faster the taller the chunk.
+    let chunks = (n + chunk - 1) / chunk.max(1);
+    let rows = ((n + chunks - 1) / chunks.max(1)).max(1);
     let logits_buf = Tensor::f_empty([rows, vocab], (kind, device))?;
     // The loss in f32 whatever the head's dtype (as transformers upcasts).
     let f32_buf = match kind {
