@@ -1,9 +1,11 @@
 """Body of scripts/bench/finetune (see there).
 
 Each side runs in its own process (qcoder first; then this script with
---peft-worker, which reports its own peak), so each peak RSS is that
-process's own. Tokens/s is the median
-over the optimizer steps after the first (which pays one-time allocations).
+--peft-worker), and each peak RSS is that process's own (wait4). Tokens/s is
+the median over the optimizer steps after the first (which pays one-time
+allocations). With --rounds N the two sides alternate N times and the
+medians of the rounds are printed too: the host's speed drifts over minutes,
+so one round's ratio depends on what each half saw.
 """
 
 import argparse
@@ -24,17 +26,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def run_measured(cmd):
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = p.communicate()
+    """Runs `cmd`; returns its stdout, stderr and its own peak RSS in MB."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        out, err = out.read(), err.read()
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{err}")
-    return out, err
-
-
-def peak_children_mb():
-    """Peak RSS of the largest child reaped so far: qcoder runs first and alone."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out, err, usage.ru_maxrss / 1024
 
 
 def qcoder_side(args, model):
@@ -66,12 +68,13 @@ max_batches = 1
 dir = "{work / 'out'}"
 """
     (work / "recipe.toml").write_text(recipe)
-    run_measured([str(QCODER), "--threads", str(args.threads), "finetune", str(work / "recipe.toml")])
+    _, _, peak_mb = run_measured([str(QCODER), "--threads", str(args.threads), "finetune",
+                                  str(work / "recipe.toml")])
     rows = [json.loads(l) for l in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         print(f"qcoder step {r['step']}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:])
-    return tps, peak_children_mb(), rows[0]["loss"], rows[-1]["loss"]
+    return tps, peak_mb, rows[0]["loss"], rows[-1]["loss"]
 
 
 def peft_worker(args):
@@ -125,6 +128,8 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--peft-worker", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate qcoder and PEFT this many times (the host's speed drifts)")
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="gradient checkpointing on both sides")
     args = ap.parse_args()
@@ -132,21 +137,33 @@ def main():
         return peft_worker(args)
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model (see recipes/demo.toml for the import command)")
-    q_tps, q_mb, first, last = qcoder_side(args, args.model)
-    out, err = run_measured([sys.executable, __file__, "--peft-worker", "--model", args.model, "--steps",
-                           str(args.steps), "--threads", str(args.threads), "--dtype", args.dtype,
-                           "--seq", str(args.seq)] + (["--grad-ckpt"] if args.grad_ckpt else []))
-    p = json.loads(out.strip().splitlines()[-1])
-    sys.stderr.write("".join(l + "\n" for l in err.splitlines() if l.startswith("PEFT step")))
+    rounds = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+        q_tps, q_mb, first, last = qcoder_side(args, args.model)
+        out, err, _ = run_measured([sys.executable, __file__, "--peft-worker", "--model", args.model,
+                                    "--steps", str(args.steps), "--threads", str(args.threads),
+                                    "--dtype", args.dtype, "--seq", str(args.seq)]
+                                   + (["--grad-ckpt"] if args.grad_ckpt else []))
+        p = json.loads(out.strip().splitlines()[-1])
+        sys.stderr.write("".join(l + "\n" for l in err.splitlines() if l.startswith("PEFT step")))
+        rounds.append((q_tps, q_mb, p["tokens_per_s"], p["peak_mb"]))
     ckpt = ", gradient checkpointing" if args.grad_ckpt else ""
     print(f"model {args.model}, {args.dtype}, seq {args.seq}{ckpt}, r 16 all-linear, micro batch 1, "
           f"{args.threads} threads, {args.steps} steps (median of steps 2..)")
-    print(f"{'':10} {'tokens/s':>10} {'peak RSS MB':>12}")
-    print(f"{'qcoder':10} {q_tps:10.1f} {q_mb:12.0f}")
-    print(f"{'PEFT':10} {p['tokens_per_s']:10.1f} {p['peak_mb']:12.0f}")
-    print(f"ratio: speed {q_tps / p['tokens_per_s']:.2f}x, memory {q_mb / p['peak_mb']:.2f}x "
-          f"(qcoder loss {first:.3f} -> {last:.3f})")
-
+    print(f"{'':10} {'qcoder tokens/s':>16} {'PEFT tokens/s':>14} {'speed':>6} "
+          f"{'qcoder peak MB':>15} {'PEFT peak MB':>13} {'memory':>7}")
+    for i, (qt, qm, pt, pm) in enumerate(rounds):
+        print(f"{f'round {i + 1}':10} {qt:16.1f} {pt:14.1f} {qt / pt:5.2f}x {qm:15.0f} {pm:13.0f} "
+              f"{qm / pm:6.2f}x")
+    if len(rounds) > 1:
+        med = [statistics.median(col) for col in zip(*rounds)]
+        ratios = [qt / pt for qt, _, pt, _ in rounds]
+        print(f"{'median':10} {med[0]:16.1f} {med[2]:14.1f} {med[0] / med[2]:5.2f}x {med[1]:15.0f} "
+              f"{med[3]:13.0f} {med[1] / med[3]:6.2f}x")
+        print(f"speed ratio by round: {min(ratios):.2f}x-{max(ratios):.2f}x")
+    print(f"(qcoder loss {first:.3f} -> {last:.3f})")
 
 if __name__ == "__main__":
     main()
