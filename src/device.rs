@@ -97,9 +97,9 @@ pub fn device_name(device: Device) -> String {
 /// glibc serves large requests with fresh `mmap`s (and trims the heap top
 /// back to the kernel), so each training step page-faulted and zeroed
 /// gigabytes anew: 14% of a LoRA step's CPU time in the kernel on a 2-core
-/// machine. With the mmap threshold at glibc's maximum (32 MiB, which the
-/// chunked loss stays under) and trimming off, those requests are recycled
-/// from the heap; the peak footprint is unchanged (freed memory is reused,
+/// machine. With the mmap threshold at glibc's maximum (32 MiB; the loss's
+/// larger chunk buffers are allocated once per micro-batch, see
+/// `train::loss`) and trimming off, those requests are recycled from the heap; the peak footprint is unchanged (freed memory is reused,
 /// not added to). No effect on other C libraries.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

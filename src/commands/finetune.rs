@@ -40,12 +40,20 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     let device = parse_device(&recipe.model.device).context("[model] device")?;
     let kind = parse_kind(recipe.model.dtype.as_deref(), device).context("[model] dtype")?;
     if device == tch::Device::Cpu && kind == tch::Kind::Float {
+        // Native bf16 instructions do not make bf16 the faster dtype
+        // everywhere: 2.7x f32's speed measured on an AMD EPYC with
+        // avx512_bf16, 0.6x on an Intel Xeon with it and no AMX (BENCHMARKS.md).
         let flags = crate::device::cpu_bf16_matmul_flags();
-        if !flags.is_empty() {
+        if flags.contains(&"amx_bf16") {
             eprintln!(
-                "note: this CPU multiplies bf16 natively ({}); [model] dtype = \"bf16\" trains \
-                 about 2.7x faster at half the memory (recipes/README.md)",
-                flags.join(", ")
+                "note: this CPU has AMX (amx_bf16); [model] dtype = \"bf16\" halves the base's \
+                 memory and is likely much faster (scripts/bench/matmul_shapes.py times both)"
+            );
+        } else if !flags.is_empty() {
+            eprintln!(
+                "note: this CPU multiplies bf16 natively (avx512_bf16); [model] dtype = \"bf16\" \
+                 halves the base's memory, and is faster or slower than f32 depending on the CPU \
+                 (scripts/bench/matmul_shapes.py times both; recipes/README.md)"
             );
         }
     }

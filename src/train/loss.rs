@@ -113,8 +113,9 @@ fn direct_loss(
     let device = x.device();
     // Chunks of equal height (171, 171, 169 rather than 208, 208, 95): the
     // products run faster the taller the chunk.
-    let chunks = (n + chunk - 1) / chunk.max(1);
-    let rows = ((n + chunks - 1) / chunks.max(1)).max(1);
+    let chunk = chunk.max(1);
+    let chunks = ((n + chunk - 1) / chunk).max(1);
+    let rows = ((n + chunks - 1) / chunks).max(1);
     let logits_buf = Tensor::f_empty([rows, vocab], (kind, device))?;
     // The loss in f32 whatever the head's dtype (as transformers upcasts).
     let f32_buf = match kind {
