@@ -133,6 +133,8 @@ def main():
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="gradient checkpointing on both sides")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.peft_worker:
         return peft_worker(args)
     if not (Path(args.model) / "config.json").exists():
