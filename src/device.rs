@@ -114,37 +114,9 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// The CPU's bf16 matrix instructions (`avx512_bf16`, `amx_bf16`), by their
-/// names in `/proc/cpuinfo`; empty when it has none (or on other systems).
-pub fn cpu_bf16_matmul_flags() -> Vec<&'static str> {
-    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
-        return Vec::new();
-    };
-    let flags: Vec<&str> = info
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .map(|l| l.split_whitespace().collect())
-        .unwrap_or_default();
-    ["avx512_bf16", "amx_bf16"]
-        .into_iter()
-        .filter(|f| flags.contains(f))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bf16_flags_are_the_cpuinfo_ones() {
-        let flags = cpu_bf16_matmul_flags();
-        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let line = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
-        for f in ["avx512_bf16", "amx_bf16"] {
-            let has = line.split_whitespace().any(|w| w == f);
-            assert_eq!(flags.contains(&f), has, "{f}: {flags:?}");
-        }
-    }
 
     #[test]
     fn parses_specs() {

@@ -47,6 +47,7 @@ def qcoder_side(args, model):
 path = "{model}"
 dtype = "{args.dtype}"
 device = "cpu"
+int8_base = {"true" if args.int8_base else "false"}
 [data]
 train = ["{data}"]
 seq_len = {args.seq}
@@ -130,6 +131,8 @@ def main():
     ap.add_argument("--peft-worker", action="store_true")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate qcoder and PEFT this many times (the host's speed drifts)")
+    ap.add_argument("--int8-base", action="store_true",
+                    help="qcoder's base products in int8 ([model] int8_base); PEFT as it is")
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="gradient checkpointing on both sides")
     args = ap.parse_args()
@@ -152,6 +155,7 @@ def main():
         sys.stderr.write("".join(l + "\n" for l in err.splitlines() if l.startswith("PEFT step")))
         rounds.append((q_tps, q_mb, p["tokens_per_s"], p["peak_mb"]))
     ckpt = ", gradient checkpointing" if args.grad_ckpt else ""
+    ckpt += ", qcoder with int8_base" if args.int8_base else ""
     print(f"model {args.model}, {args.dtype}, seq {args.seq}{ckpt}, r 16 all-linear, micro batch 1, "
           f"{args.threads} threads, {args.steps} steps (median of steps 2..)")
     print(f"{'':10} {'qcoder tokens/s':>16} {'PEFT tokens/s':>14} {'speed':>6} "

@@ -39,23 +39,12 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     // --- Checks before any heavy work ---
     let device = parse_device(&recipe.model.device).context("[model] device")?;
     let kind = parse_kind(recipe.model.dtype.as_deref(), device).context("[model] dtype")?;
-    if device == tch::Device::Cpu && kind == tch::Kind::Float {
-        // Native bf16 instructions do not make bf16 the faster dtype
-        // everywhere: 2.7x f32's speed measured on an AMD EPYC with
-        // avx512_bf16, 0.6x on an Intel Xeon with it and no AMX (BENCHMARKS.md).
-        let flags = crate::device::cpu_bf16_matmul_flags();
-        if flags.contains(&"amx_bf16") {
-            eprintln!(
-                "note: this CPU has AMX (amx_bf16); [model] dtype = \"bf16\" halves the base's \
-                 memory and is likely much faster (scripts/bench/matmul_shapes.py times both)"
-            );
-        } else if !flags.is_empty() {
-            eprintln!(
-                "note: this CPU multiplies bf16 natively (avx512_bf16); [model] dtype = \"bf16\" \
-                 halves the base's memory, and is faster or slower than f32 depending on the CPU \
-                 (scripts/bench/matmul_shapes.py times both; recipes/README.md)"
-            );
-        }
+    if device == tch::Device::Cpu && !recipe.model.int8_base {
+        eprintln!(
+            "note: on a CPU, [model] int8_base = true multiplies the frozen base in int8, usually \
+             much faster than f32 or bf16, with held-out loss close to an f32 base's (measured \
+             numbers in recipes/README.md)"
+        );
     }
     let model_dir = hub::resolve_model_dir(&recipe.model.path)
         .with_context(|| format!("[model] path = {:?}", recipe.model.path))?;
@@ -80,6 +69,9 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         },
     };
     lora.check_targets().context("[lora] target_modules")?;
+    if recipe.model.int8_base && lora.use_dora {
+        bail!("[model] int8_base = true cannot train DoRA ([lora] use_dora = true): DoRA needs the dense base weights, which int8_base replaces");
+    }
     let tok = CodeTokenizer::from_model_dir(&model_dir)?;
     let fim_spec = FimSpec {
         fim_rate: recipe.data.fim_rate,
@@ -214,6 +206,10 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     // --- Model and adapter ---
     let mut model = model::load_dir(&model_dir, LoadOptions { device, kind })
         .with_context(|| format!("loading {}", model_dir.display()))?;
+    if recipe.model.int8_base {
+        let n = model::int8::int8_base(&mut model).context("[model] int8_base")?;
+        eprintln!("int8 base: {n} linear layers multiply in int8 (per-token activations, per-channel weights)");
+    }
     tch::manual_seed(seed as i64);
     let adapter = Adapter::attach(&mut model, &lora)?;
     let opt = AdamW::new(

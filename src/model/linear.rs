@@ -36,6 +36,12 @@ pub trait Linear: std::fmt::Debug + Send {
     fn int4_cpu(&self) -> Option<(&Int4Matrix, Option<&[f32]>)> {
         None
     }
+    /// The frozen int8 product when `forward` without a gradient is exactly
+    /// that product plus the bias (`[model] int8_base`'s output layer), so
+    /// that the training loss may run it itself.
+    fn int8_logits(&self) -> Option<&super::int8::Int8Product> {
+        None
+    }
 }
 
 /// `y = [L₁(x); L₂(x); …]` for layers with [`Linear::has_matvec`] that

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod decoder;
 pub mod hub;
+pub mod int8;
 pub mod linear;
 pub mod save;
 pub mod weights;

@@ -17,6 +17,7 @@
 
 use tch::{Kind, Reduction, Tensor};
 
+use crate::model::int8::Int8Product;
 use crate::model::linear::Linear;
 
 /// Most tokens per chunk of logits for a vocabulary of `vocab`: as many as
@@ -50,18 +51,23 @@ pub fn next_token_loss(
         .f_narrow(1, 1, s - 1)?
         .f_reshape([n])?
         .f_to_device(hidden.device())?;
-    if lm_head.is_plain_dense() {
-        if let Some(weight) = lm_head.dense_weight().filter(|w| !w.requires_grad()) {
-            return direct_loss(
-                weight,
-                lm_head.bias(),
-                &inputs,
-                &labels,
-                backward_scale,
-                chunk,
-            )
-            .map(|total| (total, n));
+    let products = match (lm_head.int8_logits(), lm_head.dense_weight()) {
+        (Some(logits), Some(w)) => Some(HeadProducts::Int8 { logits, weight: w }),
+        (None, Some(w)) if lm_head.is_plain_dense() && !w.requires_grad() => {
+            Some(HeadProducts::Dense(w))
         }
+        _ => None,
+    };
+    if let Some(products) = products {
+        return direct_loss(
+            &products,
+            lm_head.bias(),
+            &inputs,
+            &labels,
+            backward_scale,
+            chunk,
+        )
+        .map(|total| (total, n));
     }
     let detached = match backward_scale {
         Some(_) => inputs.detach().set_requires_grad(true),
@@ -95,11 +101,57 @@ pub fn next_token_loss(
     Ok((total, n))
 }
 
-/// [`next_token_loss`] for a frozen dense head: `inputs` (n, hidden) and
-/// `labels` (n), returns the summed loss (and backpropagates when
+/// The products of a frozen output layer, run by [`direct_loss`].
+enum HeadProducts<'a> {
+    /// (vocab, hidden), in the head's dtype.
+    Dense(&'a Tensor),
+    /// `[model] int8_base`: f32 logits from the int8 product, the input
+    /// gradient from the dense (vocab, hidden) weight.
+    Int8 {
+        logits: &'a Int8Product,
+        weight: &'a Tensor,
+    },
+}
+
+impl HeadProducts<'_> {
+    fn vocab(&self) -> i64 {
+        match self {
+            Self::Dense(w) => w.size()[0],
+            Self::Int8 { logits, .. } => logits.cols(),
+        }
+    }
+
+    /// The dtype of the logits the forward product writes.
+    fn logits_kind(&self, input_kind: Kind) -> Kind {
+        match self {
+            Self::Dense(_) => input_kind,
+            Self::Int8 { .. } => Kind::Float,
+        }
+    }
+
+    /// `out` (rows, vocab) = x·Wᵀ.
+    fn logits_into(&self, out: &Tensor, x: &Tensor) -> Result<(), tch::TchError> {
+        match self {
+            Self::Dense(w) => x.f_mm_out(out, &w.tr()).map(drop),
+            Self::Int8 { logits, .. } => logits.mm_into(out, x),
+        }
+    }
+
+    /// `out` (rows, hidden) = g·W.
+    fn input_grad_into(&self, out: &Tensor, g: &Tensor) -> Result<(), tch::TchError> {
+        match self {
+            Self::Dense(w) | Self::Int8 { weight: w, .. } => {
+                g.f_to_kind(w.kind())?.f_mm_out(out, w).map(drop)
+            }
+        }
+    }
+}
+
+/// [`next_token_loss`] for a frozen dense or int8 head: `inputs` (n, hidden)
+/// and `labels` (n), returns the summed loss (and backpropagates when
 /// `backward_scale` is set).
 fn direct_loss(
-    weight: &Tensor,
+    head: &HeadProducts,
     bias: Option<&Tensor>,
     inputs: &Tensor,
     labels: &Tensor,
@@ -107,9 +159,9 @@ fn direct_loss(
     chunk: i64,
 ) -> Result<f64, tch::TchError> {
     let (n, _) = inputs.size2()?;
-    let (vocab, _) = weight.size2()?;
+    let vocab = head.vocab();
     let x = inputs.detach();
-    let kind = x.kind();
+    let kind = head.logits_kind(x.kind());
     let device = x.device();
     // Chunks of equal height (171, 171, 169 rather than 208, 208, 95): the
     // products run faster the taller the chunk.
@@ -126,7 +178,6 @@ fn direct_loss(
         Some(scale) if inputs.requires_grad() => Some((scale, Tensor::f_empty_like(&x)?)),
         _ => None,
     };
-    let wt = weight.tr();
     let mut total = 0.0;
     let mut start = 0;
     while start < n {
@@ -134,7 +185,7 @@ fn direct_loss(
         let xc = x.f_narrow(0, start, len)?;
         let lab = labels.f_narrow(0, start, len)?.f_unsqueeze(1)?;
         let mut logits = logits_buf.f_narrow(0, 0, len)?;
-        let _ = xc.f_mm_out(&logits, &wt)?;
+        head.logits_into(&logits, &xc)?;
         if let Some(b) = bias {
             let _ = logits.f_add_(b)?;
         }
@@ -146,20 +197,28 @@ fn direct_loss(
             }
             None => logits.shallow_clone(),
         };
-        // loss_i = logsumexp(logits_i) − logits_i[label_i]
-        let lse = lf.f_logsumexp([1i64], true)?;
+        // loss_i = logsumexp(logits_i) − logits_i[label_i], computed in place
+        // over the buffer (`Tensor::logsumexp` allocates a (len × vocab)
+        // temporary: fresh pages, zeroed by the kernel, on every chunk):
+        // m = max_j logits_ij, e = exp(logits − m), loss_i = ln Σ_j e_ij −
+        // (logits_i[label_i] − m).
+        let max = lf.f_amax([1i64], true)?;
+        let _ = lf.f_sub_(&max)?;
         let picked = lf.f_gather(1, &lab, false)?;
-        total += (&lse - picked).f_sum(Kind::Double)?.f_double_value(&[])?;
+        let _ = lf.f_exp_()?;
+        let sum = lf.f_sum_dim_intlist(&[1i64][..], true, lf.kind())?;
+        total += (sum.f_log()? - picked)
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?;
         if let Some((scale, grad)) = &backward {
-            // scale · (softmax − one-hot), in place over the logits.
-            let _ = lf.f_sub_(&lse)?;
-            let _ = lf.f_exp_()?;
+            // scale · (softmax − one-hot), in place: e · (scale / Σe), then
+            // −scale at each label.
+            let _ = lf.f_mul_(&sum.f_reciprocal()?.f_mul_scalar(*scale)?)?;
             let _ = lf.f_scatter_add_(
                 1,
                 &lab,
-                &Tensor::f_full([len, 1], -1.0, (lf.kind(), device))?,
+                &Tensor::f_full([len, 1], -*scale, (lf.kind(), device))?,
             )?;
-            let _ = lf.f_mul_scalar_(*scale)?;
             // The input gradient in the head's dtype, as autograd would
             // cast it back through the upcast.
             if f32_buf.is_some() {
@@ -167,7 +226,7 @@ fn direct_loss(
             } else {
                 logits = lf;
             }
-            let _ = logits.f_mm_out(&grad.f_narrow(0, start, len)?, weight)?;
+            head.input_grad_into(&grad.f_narrow(0, start, len)?, &logits)?;
         }
         start += len;
     }
@@ -257,5 +316,43 @@ mod tests {
                 tch::no_grad(|| next_token_loss(&frozen, &(&x0 * 2.0), &ids, None, 5)).unwrap();
             assert!((s3 - s1).abs() < 1e-9 * s1.abs().max(1.0), "{s3} vs {s1}");
         }
+    }
+
+    /// `[model] int8_base`'s output layer: the loss of the int8 logits, and
+    /// the input gradient through the dense weight, as autograd gives them
+    /// for `logits = x·Wᵀ + b + (int8 logits − x·Wᵀ − b)` held constant.
+    #[test]
+    fn int8_head_loss_and_gradient_match_their_definition() {
+        use crate::model::int8::Int8Head;
+        tch::manual_seed(4);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([37, 8], opts);
+        let bias = Tensor::randn([37], opts);
+        let ids = Tensor::randint(37, [3, 9], (Kind::Int64, Device::Cpu));
+        let x0 = Tensor::randn([3, 9, 8], opts);
+        let head = Int8Head::from_dense(&w, Some(&bias)).unwrap();
+        assert!(head.int8_logits().is_some() && !head.is_plain_dense());
+
+        let x = x0.copy().set_requires_grad(true);
+        let (sum, n) = next_token_loss(&head, &(&x * 2.0), &ids, Some(0.5), 7).unwrap();
+        assert_eq!(n, 24);
+        let got_grad = x.grad();
+
+        let x = x0.copy().set_requires_grad(true);
+        let inputs = (&x * 2.0).narrow(1, 0, 8).reshape([24, 8]);
+        let int8_logits = tch::no_grad(|| head.forward(&inputs));
+        let dense = inputs.linear(&w, Some(&bias));
+        assert!((&int8_logits - &dense).abs().max().double_value(&[]) > 0.0);
+        let logits = &dense + (&int8_logits - &dense).detach();
+        let labels = ids.narrow(1, 1, 8).reshape([24]);
+        let want = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0);
+        (&want * 0.5).backward();
+        let want = want.double_value(&[]);
+        assert!((sum - want).abs() < 1e-5 * want.abs(), "{sum} vs {want}");
+        let err = (&got_grad - x.grad()).abs().max().double_value(&[]);
+        assert!(
+            err <= 1e-5 * x.grad().abs().max().double_value(&[]),
+            "gradient off by {err}"
+        );
     }
 }

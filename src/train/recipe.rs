@@ -51,6 +51,12 @@ pub struct ModelSection {
     pub dtype: Option<String>,
     #[serde(default = "default_device")]
     pub device: String,
+    /// Run the frozen base's linear-layer products in int8 (per-token
+    /// activations, per-channel weights; `model::int8`). Not with DoRA.
+    /// Left out of the serialized recipe when false, so that recipes from
+    /// before the key existed keep their trajectory hash.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub int8_base: bool,
 }
 
 fn default_device() -> String {
@@ -313,7 +319,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "output",
         ],
     ),
-    ("model", &["path", "dtype", "device"]),
+    ("model", &["path", "dtype", "device", "int8_base"]),
     (
         "data",
         &[
