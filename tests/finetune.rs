@@ -343,16 +343,23 @@ fn int8_base_run_trains_and_writes_the_adapter() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing:\n{}", show(&run));
     }
-    let rows = metrics(&out);
+    let (first, last, evals) = losses_fell(&metrics(&out));
+    eprintln!("int8 base: loss {first:.4} -> {last:.4}, eval {evals:?}");
+}
+
+/// The first and last step's loss and the eval losses of a 12-step run
+/// with eval every 4 steps, asserting that both fell.
+fn losses_fell(rows: &[serde_json::Value]) -> (f64, f64, Vec<f64>) {
     let first = rows[1]["loss"].as_f64().unwrap();
     let last = rows[12]["loss"].as_f64().unwrap();
     let evals: Vec<f64> = rows
         .iter()
         .filter_map(|r| r["eval_loss"].as_f64())
         .collect();
+    assert_eq!(evals.len(), 4);
     assert!(last < first, "loss did not decrease: {first} -> {last}");
     assert!(evals[3] < evals[0], "eval loss did not decrease: {evals:?}");
-    eprintln!("int8 base: loss {first:.4} -> {last:.4}, eval {evals:?}");
+    (first, last, evals)
 }
 
 /// The same with DoRA: PEFT loads the magnitudes, gives the same logits and
@@ -386,15 +393,7 @@ fn adapter_matches_peft(dora: bool) {
     // Step 0 (the base model's eval loss), then steps 1..=12.
     assert_eq!(rows.len(), 13);
     assert_eq!(rows[0]["step"], 0);
-    let first = rows[1]["loss"].as_f64().unwrap();
-    let last = rows[12]["loss"].as_f64().unwrap();
-    let evals: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r["eval_loss"].as_f64())
-        .collect();
-    assert_eq!(evals.len(), 4);
-    assert!(last < first, "loss did not decrease: {first} -> {last}");
-    assert!(evals[3] < evals[0], "eval loss did not decrease: {evals:?}");
+    let (first, last, evals) = losses_fell(&rows);
     eprintln!("loss {first:.4} -> {last:.4}, eval {evals:?}");
 
     // `qcoder merge` writes what `merge = true` wrote.
