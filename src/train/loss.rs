@@ -311,10 +311,12 @@ mod tests {
                 err <= tol * scale,
                 "{kind:?}: gradient off by {err} (max {scale})"
             );
-            // Evaluation (no backward) gives the same sum.
+            // Evaluation (no backward) gives the same sum, up to f32 rounding:
+            // its chunks have other row counts, and a CPU matrix product may
+            // round differently for another shape (seen on AVX2: 1e-8 relative).
             let (s3, _) =
                 tch::no_grad(|| next_token_loss(&frozen, &(&x0 * 2.0), &ids, None, 5)).unwrap();
-            assert!((s3 - s1).abs() < 1e-9 * s1.abs().max(1.0), "{s3} vs {s1}");
+            assert!((s3 - s1).abs() < 1e-6 * s1.abs().max(1.0), "{kind:?}: {s3} vs {s1}");
         }
     }
 
