@@ -74,6 +74,45 @@ pub fn parse_kind(spec: Option<&str>, device: Device) -> Result<Kind, DeviceErro
     }
 }
 
+/// A warning for a CPU run in a dtype that this x86 CPU has no instructions
+/// for (AVX-512 BF16, AVX-512 FP16): libtorch then multiplies bf16 or f16
+/// matrices on a slow path, 1-17 GFLOP/s against about 120 in f32 on a
+/// 2-core AVX2 AMD EPYC (`scripts/bench/matmul_shapes.py` times a CPU).
+/// None elsewhere (other CPUs are not measured).
+pub fn slow_cpu_dtype_note(kind: Kind, device: Device) -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected;
+        if device != Device::Cpu {
+            return None;
+        }
+        let (name, feature, native) = match kind {
+            Kind::BFloat16 => (
+                "bf16",
+                "AVX-512 BF16",
+                is_x86_feature_detected!("avx512bf16"),
+            ),
+            Kind::Half => (
+                "f16",
+                "AVX-512 FP16",
+                is_x86_feature_detected!("avx512fp16"),
+            ),
+            _ => return None,
+        };
+        (!native).then(|| {
+            format!(
+                "note: this CPU has no {feature}, so libtorch multiplies {name} matrices on a \
+                 slow path here (7-100x slower than f32 on an AVX2 CPU); dtype \"f32\" is faster"
+            )
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kind, device);
+        None
+    }
+}
+
 pub fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Float => "f32",

@@ -121,6 +121,9 @@ pub fn run(args: EvalArgs) -> Result<Outcome> {
     }
     let device = parse_device(&args.device)?;
     let kind = parse_kind(args.dtype.as_deref(), device)?;
+    if let Some(note) = crate::device::slow_cpu_dtype_note(kind, device) {
+        eprintln!("{note}");
+    }
     let models: Vec<(String, PathBuf, model::ModelConfig)> = args
         .models
         .iter()

@@ -39,11 +39,23 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
     // --- Checks before any heavy work ---
     let device = parse_device(&recipe.model.device).context("[model] device")?;
     let kind = parse_kind(recipe.model.dtype.as_deref(), device).context("[model] dtype")?;
-    if device == tch::Device::Cpu && !recipe.model.int8_base {
+    if let Some(note) = crate::device::slow_cpu_dtype_note(kind, device) {
+        eprintln!("{note}");
+    }
+    let fast_int8 = model::int8::fast_int8_products(device);
+    if device == tch::Device::Cpu && fast_int8 && !recipe.model.int8_base {
         eprintln!(
             "note: [model] int8_base = true multiplies the frozen base in int8: 1.9x PEFT's best \
              tokens/s on a 2-core Intel Xeon with VNNI, held-out loss within 0.2% of an f32 \
              base's (recipes/README.md)"
+        );
+    }
+    if recipe.model.int8_base && !fast_int8 {
+        eprintln!(
+            "note: this CPU has no AVX-512 VNNI, where libtorch multiplies int8 matrices fast: \
+             [model] int8_base multiplies its int8 values as f32 matrices (same numbers, the \
+             decoder's weights in half their f32 memory, no time saved; the output layer stays \
+             dense)"
         );
     }
     let model_dir = hub::resolve_model_dir(&recipe.model.path)
@@ -208,7 +220,14 @@ pub fn run(args: FinetuneArgs) -> Result<Outcome> {
         .with_context(|| format!("loading {}", model_dir.display()))?;
     if recipe.model.int8_base {
         let n = model::int8::int8_base(&mut model).context("[model] int8_base")?;
-        eprintln!("int8 base: {n} linear layers multiply in int8 (per-token activations, per-channel weights)");
+        let how = if fast_int8 {
+            "multiply in int8"
+        } else {
+            "hold int8 weights"
+        };
+        eprintln!(
+            "int8 base: {n} linear layers {how} (per-token activations, per-channel weights)"
+        );
     }
     tch::manual_seed(seed as i64);
     let adapter = Adapter::attach(&mut model, &lora)?;

@@ -16,6 +16,9 @@ use crate::tokenizer::CodeTokenizer;
 pub fn run(args: GenerateArgs) -> Result<Outcome> {
     let device = parse_device(&args.model.device)?;
     let kind = parse_kind(args.model.dtype.as_deref(), device)?;
+    if let Some(note) = crate::device::slow_cpu_dtype_note(kind, device) {
+        eprintln!("{note}");
+    }
     anyhow::ensure!(
         args.temperature >= 0.0 && args.temperature.is_finite(),
         "--temperature must be a non-negative number"

@@ -46,8 +46,9 @@ extern "C" {
         w_scale: *const C_tensor,
     ) -> c_int;
     fn qcoder_grad_enabled() -> c_int;
+    fn qcoder_int8_cpu_fast() -> c_int;
     #[cfg(test)]
-    fn qcoder_int8_tensor_ops_only(on: c_int);
+    fn qcoder_int8_test_path(path: c_int);
     fn qcoder_int8_last_error() -> *const c_char;
 }
 
@@ -57,6 +58,16 @@ fn last_error() -> String {
     unsafe { CStr::from_ptr(qcoder_int8_last_error()) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// Whether libtorch multiplies int8 matrices fast on this device: on CUDA,
+/// and on x86 CPUs with AVX-512 VNNI. Elsewhere the CPU's `_int_mm` is a
+/// plain loop, so the same int8 values are multiplied as f32 matrices
+/// (`int8_linear.cpp`): the numbers of an int8 base, the speed of an f32
+/// one, and the decoder's weights still in half their f32 memory.
+pub fn fast_int8_products(device: tch::Device) -> bool {
+    // SAFETY: reads a flag computed once from CPUID.
+    device.is_cuda() || unsafe { qcoder_int8_cpu_fast() } != 0
 }
 
 /// Symmetric per-row int8 quantization of a 2-D float tensor: the int8
@@ -285,10 +296,14 @@ impl Linear for Int8Head {
 
 /// Replaces every dense linear layer of the decoder with its [`Int8Linear`]
 /// and a dense output layer with its [`Int8Head`]; returns how many. The
-/// decoder's dense weights are dropped.
+/// decoder's dense weights are dropped. Where int8 products are not fast
+/// ([`fast_int8_products`]) the output layer stays dense: its int8 copy
+/// saves no memory (the dense weight stays for the input gradient), and
+/// multiplying it as f32 would convert a vocabulary-sized matrix each step.
 pub fn int8_base(model: &mut CausalLm) -> Result<usize, ModelError> {
     let mut replaced = 0;
-    if model.lm_head.is_plain_dense() {
+    let head_device = model.lm_head.dense_weight().map(Tensor::device);
+    if model.lm_head.is_plain_dense() && head_device.is_some_and(fast_int8_products) {
         let head = &model.lm_head;
         let weight = head
             .dense_weight()
@@ -389,10 +404,11 @@ mod tests {
     }
 
     /// The tensor-op path (what CUDA runs, with its padding of short inputs
-    /// to 17 rows) gives the CPU loops' numbers: the same int8 values, the
-    /// scales applied in another order.
+    /// to 17 rows) and the f32 products of a CPU without fast int8 products
+    /// give the numbers of this CPU's automatic choice: the same int8
+    /// values, the scales applied (or the sums rounded) in another order.
     #[test]
-    fn tensor_op_path_matches_the_cpu_loops() {
+    fn every_product_path_gives_the_same_numbers() {
         tch::manual_seed(5);
         let w = Tensor::randn([40, 24], (Kind::Float, tch::Device::Cpu));
         let b = Tensor::randn([40], (Kind::Float, tch::Device::Cpu));
@@ -401,25 +417,27 @@ mod tests {
         for rows in [5i64, 33] {
             let x0 = Tensor::randn([rows, 24], (Kind::Float, tch::Device::Cpu));
             let dy = Tensor::randn([rows, 40], (Kind::Float, tch::Device::Cpu));
-            let run = |tensor_ops: bool| {
+            let run = |path: c_int| {
                 // SAFETY: sets a thread-local flag of the C++ side.
-                unsafe { qcoder_int8_tensor_ops_only(i32::from(tensor_ops)) };
+                unsafe { qcoder_int8_test_path(path) };
                 let x = x0.copy().set_requires_grad(true);
                 let y = layer.forward(&x);
                 (&y * &dy).sum(Kind::Float).backward();
                 let logits = tch::no_grad(|| head.forward(&x0));
                 let (q, s) = quantize_rows(&x0).unwrap();
-                unsafe { qcoder_int8_tensor_ops_only(0) };
+                unsafe { qcoder_int8_test_path(0) };
                 (y.detach(), x.grad(), logits, q, s)
             };
-            let (y1, g1, l1, q1, s1) = run(false);
-            let (y2, g2, l2, q2, s2) = run(true);
-            assert!(
-                q1.equal(&q2) && s1.equal(&s2),
-                "{rows} rows: quantization differs"
-            );
-            for (a, b) in [(&y1, &y2), (&g1, &g2), (&l1, &l2)] {
-                assert!(rel(a, b) < 1e-6, "{rows} rows: {}", rel(a, b));
+            let (y1, g1, l1, q1, s1) = run(0);
+            for path in [1, 2] {
+                let (y2, g2, l2, q2, s2) = run(path);
+                assert!(
+                    q1.equal(&q2) && s1.equal(&s2),
+                    "path {path}, {rows} rows: quantization differs"
+                );
+                for (a, b) in [(&y1, &y2), (&g1, &g2), (&l1, &l2)] {
+                    assert!(rel(a, b) < 1e-6, "path {path}, {rows} rows: {}", rel(a, b));
+                }
             }
         }
     }

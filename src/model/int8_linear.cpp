@@ -27,9 +27,31 @@ namespace {
 
 thread_local std::string last_error;
 
-// Tests set this to run the tensor-op path CUDA takes (and its row padding)
-// on the CPU.
-thread_local bool tensor_ops_only = false;
+// Which way the CPU multiplies: kAuto takes libtorch's int8 product
+// (`_int_mm`) where it is fast, f32 products of the int8 values elsewhere;
+// tests force the other two ways on any CPU. kTensorOps is the path CUDA
+// takes (with its row padding).
+enum class Path { kAuto = 0, kTensorOps = 1, kF32Products = 2 };
+thread_local Path test_path = Path::kAuto;
+
+// libtorch multiplies int8 matrices with oneDNN on x86 CPUs with AVX-512
+// VNNI (AMX CPUs have it too): about 4x its f32 products on a 2-core Xeon.
+// Without VNNI `_int_mm` falls back to a plain loop, 3 GOP/s on an AVX2 AMD
+// EPYC against 110-170 GFLOP/s in f32: there the same int8 values are
+// multiplied as f32 matrices instead (products of two int8 values are exact
+// in f32, only the sums round), which costs about what an f32 base does.
+bool cpu_int8_fast() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool fast = __builtin_cpu_supports("avx512vnni");
+  return fast;
+#else
+  return false;
+#endif
+}
+
+bool f32_products(const at::Tensor& a) {
+  return a.is_cpu() && (test_path == Path::kF32Products || (test_path == Path::kAuto && !cpu_int8_fast()));
+}
 
 // The CPU loops below are built for AVX-512, AVX2 and plain x86-64, the
 // version picked at load time (GCC/Clang function multiversioning).
@@ -77,10 +99,20 @@ int64_t grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 14) / s
 
 float scale_of(float absmax) { return std::max(absmax / 127.0f, 1e-30f); }
 
+// y (n f32, in place) · row_scale · col_scale (+ bias).
+QCODER_CLONES void row_rescale(float* y, int64_t n, float row_scale, const float* col_scale,
+                               const float* bias) {
+  if (bias) {
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] * row_scale * col_scale[j] + bias[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] * row_scale * col_scale[j];
+  }
+}
+
 // (rows, cols) float -> (int8 values, per-row f32 scales (rows, 1)):
 // x ≈ q · scale, scale = max|row| / 127, q = round(x / scale).
 std::pair<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in) {
-  if (x_in.is_cpu() && !tensor_ops_only) {
+  if (x_in.is_cpu() && test_path != Path::kTensorOps) {
     auto x = x_in.to(at::kFloat).contiguous();
     auto rows = x.size(0), cols = x.size(1);
     auto q = at::empty({rows, cols}, x.options().dtype(at::kChar));
@@ -106,7 +138,7 @@ std::pair<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in) {
 // more than 16 rows: fewer are padded with zero rows.
 at::Tensor int_mm(const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kMinCudaRows = 17;
-  if ((a.is_cuda() || tensor_ops_only) && a.size(0) < kMinCudaRows) {
+  if ((a.is_cuda() || test_path == Path::kTensorOps) && a.size(0) < kMinCudaRows) {
     auto padded = at::zeros({kMinCudaRows, a.size(1)}, a.options());
     padded.narrow(0, 0, a.size(0)).copy_(a);
     return at::_int_mm(padded, b).narrow(0, 0, a.size(0));
@@ -118,25 +150,39 @@ at::Tensor int_mm(const at::Tensor& a, const at::Tensor& b) {
 // columns' scales, plus the bias if defined. `out` may be of any float dtype.
 void scaled_int_mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& row_scale,
                         const at::Tensor& b, const at::Tensor& col_scale, const at::Tensor& bias) {
-  if (tensor_ops_only || !(a.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous())) {
-    auto y = at::mul(int_mm(a, b), at::mul(row_scale, col_scale));
+  bool f32 = f32_products(a);
+  if (test_path == Path::kTensorOps ||
+      !(a.is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous())) {
+    auto acc = f32 ? at::mm(a.to(at::kFloat), b.to(at::kFloat)) : int_mm(a, b);
+    auto y = at::mul(acc, at::mul(row_scale, col_scale));
     if (bias.defined()) y.add_(bias);
     out.copy_(y);
     return;
   }
-  // One (rows, n) buffer: the int32 products, then the floats in place.
+  // One (rows, n) buffer: the int32 (or f32) products, then the scaled
+  // floats in place.
   auto rows = a.size(0), n = b.size(1);
-  auto acc = out.view(at::kInt);
-  at::_int_mm_out(acc, a, b);
+  if (f32) {
+    at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+  } else {
+    auto acc = out.view(at::kInt);
+    at::_int_mm_out(acc, a, b);
+  }
   auto rs = row_scale.contiguous();
   auto cs = col_scale.contiguous();
   auto bs = bias.defined() ? bias.to(at::kFloat).contiguous() : bias;
-  int32_t* ap = acc.data_ptr<int32_t>();
+  void* yp = out.data_ptr();
   const float* rp = rs.data_ptr<float>();
   const float* cp = cs.data_ptr<float>();
   const float* bp = bs.defined() ? bs.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) row_dequantize(ap + r * n, n, rp[r], cp, bp);
+    for (int64_t r = begin; r < end; ++r) {
+      if (f32) {
+        row_rescale(static_cast<float*>(yp) + r * n, n, rp[r], cp, bp);
+      } else {
+        row_dequantize(static_cast<int32_t*>(yp) + r * n, n, rp[r], cp, bp);
+      }
+    }
   });
 }
 
@@ -236,8 +282,12 @@ int qcoder_int8_mm_out(at::Tensor* out, const at::Tensor* x, const at::Tensor* w
   }
 }
 
-// Tests: the tensor-op path (CUDA's) on this thread's CPU work from now on.
-void qcoder_int8_tensor_ops_only(int on) { tensor_ops_only = on != 0; }
+// Tests: this thread's CPU work from now on takes the given path (0 the
+// automatic choice, 1 the tensor-op path CUDA takes, 2 f32 products).
+void qcoder_int8_test_path(int path) { test_path = static_cast<Path>(path); }
+
+// 1 when libtorch multiplies int8 matrices fast on this CPU (see above).
+int qcoder_int8_cpu_fast() { return cpu_int8_fast() ? 1 : 0; }
 
 // Whether autograd records operations on this thread (not inside no_grad).
 int qcoder_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }

@@ -316,7 +316,10 @@ mod tests {
             // round differently for another shape (seen on AVX2: 1e-8 relative).
             let (s3, _) =
                 tch::no_grad(|| next_token_loss(&frozen, &(&x0 * 2.0), &ids, None, 5)).unwrap();
-            assert!((s3 - s1).abs() < 1e-6 * s1.abs().max(1.0), "{kind:?}: {s3} vs {s1}");
+            assert!(
+                (s3 - s1).abs() < 1e-6 * s1.abs().max(1.0),
+                "{kind:?}: {s3} vs {s1}"
+            );
         }
     }
 
