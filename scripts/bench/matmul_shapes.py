@@ -25,14 +25,21 @@ def seconds_per_call(f, budget=1.0):
 
 
 def layer_shapes(threads):
-    print(f"decoder products, {threads} threads: GFLOP/s of (m x k) @ (k x n)")
-    dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+    print(f"decoder products, {threads} threads: GFLOP/s (int8: GOP/s, torch._int_mm, what")
+    print("[model] int8_base uses where it is fast) of (m x k) @ (k x n)")
+    dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "int8": torch.int8}
     print(f"{'m x k x n':>22} " + " ".join(f"{d:>6}" for d in dtypes))
     for m, k, n in [(512, 896, 4864), (512, 4864, 896), (512, 896, 896), (512, 896, 128)]:
         row = []
         for dt in dtypes.values():
-            a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
-            row.append(2 * m * k * n / seconds_per_call(lambda: a @ b) / 1e9)
+            if dt == torch.int8:
+                a = torch.randint(-127, 128, (m, k), dtype=dt)
+                b = torch.randint(-127, 128, (k, n), dtype=dt)
+                f = lambda: torch._int_mm(a, b)  # noqa: E731
+            else:
+                a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+                f = lambda: a @ b  # noqa: E731
+            row.append(2 * m * k * n / seconds_per_call(f) / 1e9)
         print(f"{f'{m} x {k} x {n}':>22} " + " ".join(f"{g:6.0f}" for g in row))
 
 
