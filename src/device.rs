@@ -102,7 +102,7 @@ pub fn slow_cpu_dtype_note(kind: Kind, device: Device) -> Option<String> {
         (!native).then(|| {
             format!(
                 "note: this CPU has no {feature}, so libtorch multiplies {name} matrices on a \
-                 slow path here (7-100x slower than f32 on an AVX2 CPU); dtype \"f32\" is faster"
+                 slow path here (7-130x slower than f32 on an AVX2 CPU); dtype \"f32\" is faster"
             )
         })
     }
